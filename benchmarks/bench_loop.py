@@ -1,0 +1,161 @@
+"""Loop efficiency and per-trick overhead: train.py's `train_one_epoch` against a bare PyTorch loop.
+
+Both see the same model, batch and in-memory Fashion-MNIST batches; variants are timed alternately,
+round after round, because these machines are noisy. Prints a table and writes JSON.
+    python benchmarks/bench_loop.py --model resnet20 --steps 20 --rounds 3 --out bench_out/loop.json
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import config  # noqa: E402
+import train  # noqa: E402
+from datasets import build_data  # noqa: E402
+from models import build_model  # noqa: E402
+from utils.adversarial import build_attack  # noqa: E402
+from utils.awp import AWP  # noqa: E402
+from utils.ema import ModelEMA  # noqa: E402
+from utils.kd import DistillationLoss  # noqa: E402
+from utils.misc import make_precision  # noqa: E402
+from utils.mix import build_mixer  # noqa: E402
+from utils.optim import build_optimizer  # noqa: E402
+from utils.scheduler import build_scheduler  # noqa: E402
+
+
+class FixedBatches:
+    """The same pre-gathered uint8 batches every pass: isolates the step from the data path."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def bare_loop(model, batches, optimizer, sched, prec, scaler):
+    """The minimal hand-written loop train.py is compared with."""
+    model.train()
+    for x, y in batches:
+        x = x.contiguous(memory_format=torch.channels_last) if prec.channels_last else x
+        x = x.float().div_(255)
+        optimizer.zero_grad(set_to_none=True)
+        with prec.autocast():
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sched.step()
+        loss.item()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20, help="steps per timed run")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--tricks", default="all", help="comma list of tricks to time, or 'none' / 'all'")
+    p.add_argument("--out", default="bench_out/loop.json")
+    b = p.parse_args()
+
+    args = config.parse_args(["--model", b.model, "--batch_size", str(b.batch_size), "--device", "cpu",
+                              "--train_subset", str(b.batch_size * b.steps), "--no_progress"])
+    data = build_data(args)
+    batches = FixedBatches([(x.clone(), y.clone()) for x, y in data.train_loader][: b.steps])
+    prec = make_precision(torch.device("cpu"), b.amp, "auto", b.channels_last)
+
+    def fresh(**model_kw):
+        torch.manual_seed(0)
+        m = build_model(b.model, data.num_classes, data.in_chans, data.img_size, data.mean, data.std, **model_kw)
+        if prec.channels_last:
+            m.to(memory_format=torch.channels_last)
+        opt = build_optimizer(m, args, args.lr)
+        return m, opt, build_scheduler(opt, args, len(batches)), prec.scaler()
+
+    def loop_variant(model_kw=None, **tricks):
+        m, opt, sched, scaler = fresh(**(model_kw or {}))
+        extra = {k: v(m) if callable(v) and k in ("ema", "awp") else v for k, v in tricks.items()}
+        if "ema" in extra:
+            extra["unwrapped"] = m
+        crit = extra.pop("criterion", train.make_criterion())
+        return lambda: train.train_one_epoch(m, batches, opt, sched, crit, scaler, prec, 0,
+                                             attack_loss=train.make_criterion(), **extra)
+
+    def bare_variant():
+        m, opt, sched, scaler = fresh()
+        return lambda: bare_loop(m, batches, opt, sched, prec, scaler)
+
+    def mix_args(**kw):
+        return build_mixer(config.parse_args([f"--{k}={v}" for k, v in kw.items()]), data.num_classes)
+
+    def attack(kind, steps=1):
+        return build_attack(config.parse_args(["--adv", kind, "--adv_eps", "0.1", "--adv_steps", str(steps)]))
+
+    teacher = build_model("resnet56", data.num_classes, data.in_chans, data.img_size, data.mean, data.std).eval()
+    if prec.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    variants = {"bare loop": bare_variant, "train.py (no tricks)": lambda: loop_variant()}
+    tricks = {
+        "ema": lambda: loop_variant(ema=lambda m: ModelEMA(m, 0.999)),
+        "mixup": lambda: loop_variant(mix=mix_args(mixup_alpha=0.2)),
+        "cutmix": lambda: loop_variant(mix=mix_args(cutmix_alpha=1.0)),
+        "drop_path 0.1": lambda: loop_variant(model_kw={"drop_path_rate": 0.1}),
+        "se": lambda: loop_variant(model_kw={"attention": "se"}),
+        "cbam": lambda: loop_variant(model_kw={"attention": "cbam"}),
+        "eca": lambda: loop_variant(model_kw={"attention": "eca"}),
+        "ca": lambda: loop_variant(model_kw={"attention": "ca"}),
+        "fgsm": lambda: loop_variant(attack=attack("fgsm")),
+        "pgd-3": lambda: loop_variant(attack=attack("pgd", 3)),
+        "awp": lambda: loop_variant(awp=lambda m: AWP(m, 0.005)),
+        "kd teacher resnet56": lambda: loop_variant(teacher=teacher, criterion=DistillationLoss(4.0, 0.5, 0.0)),
+    }
+    if b.tricks != "none":
+        keep = tricks if b.tricks == "all" else {k: tricks[k] for k in b.tricks.split(",")}
+        variants.update(keep)
+
+    runs = {name: make() for name, make in variants.items()}
+    for run in runs.values():  # warm-up: allocator, oneDNN primitive caches
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(b.rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+
+    n_img = b.steps * b.batch_size
+    base = statistics.median(times["train.py (no tricks)"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"variant": name, "images_per_second": n_img / med, "step_ms": 1000 * med / b.steps,
+                     "ratio_to_train_py": med / base})
+    bare = next(r for r in rows if r["variant"] == "bare loop")
+    plain = next(r for r in rows if r["variant"] == "train.py (no tricks)")
+    result = {"model": b.model, "batch_size": b.batch_size, "steps": b.steps, "rounds": b.rounds, "amp": b.amp,
+              "channels_last": b.channels_last, "threads": torch.get_num_threads(),
+              "loop_efficiency": plain["images_per_second"] / bare["images_per_second"], "rows": rows}
+    print(f"| variant | img/s | ms/step | time vs train.py step |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['images_per_second']:.0f} | {r['step_ms']:.1f} | {r['ratio_to_train_py']:.2f}x |")
+    print(f"\nloop efficiency (train.py / bare): {result['loop_efficiency']:.3f}")
+    os.makedirs(os.path.dirname(b.out) or ".", exist_ok=True)
+    with open(b.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

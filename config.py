@@ -1,0 +1,273 @@
+"""Every flag of train.py, grouped by concern, plus `--config FILE` (YAML or JSON).
+
+Precedence: parser defaults < config file < command line. The resolved configuration is written to
+`<output_dir>/config.yaml`; passing that file back with `--config` reproduces the run.
+"""
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from utils.errors import UserError
+
+DATASETS = ("fashion_mnist", "cifar10", "imagefolder", "csv")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("cosine", "step", "multistep", "exponential", "plateau", "cyclic", "onecycle",
+              "cosine_restarts", "poly", "constant")
+INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
+         "orthogonal", "lsuv")
+ATTENTIONS = ("none", "se", "cbam", "eca", "ca")
+ADVS = ("none", "fgsm", "pgd", "awp")
+AUTO_AUGMENTS = ("none", "autoaugment", "randaugment", "trivialaugment", "augmix")
+
+_NOT_IN_CONFIG = {"config"}
+# Flags that belong to one invocation; a resumed run does not inherit them from its checkpoint.
+_RUN_LOCAL = {"config", "resume", "overwrite", "eval_only", "ckpt", "plot_lr", "preview_aug"}
+
+
+def _add_data_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="fashion_mnist", help=f"one of {', '.join(DATASETS)}")
+    g.add_argument("--data_dir", default="data",
+                   help="dataset root; Fashion-MNIST falls back to /usr/share/datasets/fashion-mnist")
+    g.add_argument("--download", action="store_true",
+                   help="let torchvision download Fashion-MNIST/CIFAR-10 into --data_dir if missing")
+    g.add_argument("--info_csv", default=None, help="csv dataset: file mapping image name to label")
+    g.add_argument("--image_column", default="image", help="csv dataset: column with image file names")
+    g.add_argument("--label_column", default="label", help="csv dataset: column with labels (any type)")
+    g.add_argument("--train_list", default=None, help="csv dataset: text file of training image names")
+    g.add_argument("--val_list", default=None, help="csv dataset: text file of validation image names")
+    g.add_argument("--img_size", type=int, default=None,
+                   help="resize file images to this square size (default: 28 for Fashion-MNIST, "
+                        "32 for CIFAR-10, 64 for file datasets)")
+    g.add_argument("--in_chans", type=int, default=None, choices=(1, 3),
+                   help="file datasets: convert images to 1 (L) or 3 (RGB) channels (default 3)")
+    g.add_argument("--val_ratio", type=float, default=0.0,
+                   help="carve a stratified validation split from train (0 = use the test split)")
+    g.add_argument("--kfold", type=int, default=0, help="stratified K-fold: number of folds (0 = off)")
+    g.add_argument("--fold", type=int, default=0, help="which fold (0..K-1) is the validation split")
+    g.add_argument("--train_subset", type=int, default=0, help="stratified subset of N training images")
+    g.add_argument("--eval_subset", type=int, default=0, help="stratified subset of N eval images")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="drop unreadable images (with a count) instead of stopping")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers for file datasets")
+    g.add_argument("--class_weights", default="none", choices=("none", "auto"),
+                   help="auto: inverse class frequency weights in the loss")
+    g.add_argument("--balanced_sampler", action="store_true",
+                   help="draw training samples so every class is equally likely")
+
+
+def _add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet20", help="registry name (see models/__init__.py)")
+    g.add_argument("--attention", default="none", choices=ATTENTIONS,
+                   help="attention module in every residual block")
+    g.add_argument("--drop_path_rate", type=float, default=0.0,
+                   help="stochastic depth: block l of L is dropped with rate R*l/L")
+    g.add_argument("--acb", action="store_true",
+                   help="ACNet: train every kxk conv+BN as kxk + 1xk + kx1 branches")
+
+
+def _add_optim_args(p):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--batch_size", type=int, default=256, help="per-process batch size")
+    g.add_argument("--opt", default="sgd", help=f"one of {', '.join(OPTIMIZERS)}")
+    g.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; beta1 for adam/adamw")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--weight_decay", type=float, default=5e-4)
+    g.add_argument("--no_bias_decay", action="store_true",
+                   help="no weight decay on biases and norm parameters")
+    g.add_argument("--lr_base_batch", type=int, default=0,
+                   help="linear scaling rule: lr = lr * batch_size * world_size / B (0 = off)")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global grad norm (0 = off)")
+    g.add_argument("--label_smoothing", type=float, default=0.0)
+
+
+def _add_schedule_args(p):
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--scheduler", default="cosine", help=f"one of {', '.join(SCHEDULERS)}")
+    g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warmup (fractions allowed)")
+    g.add_argument("--warmup_lr_init", type=float, default=0.0, help="lr at the start of warmup")
+    g.add_argument("--min_lr", type=float, default=0.0, help="floor of cosine/poly schedules")
+    g.add_argument("--step_size", type=float, default=30, help="step: epochs between decays, counted from the start of training")
+    g.add_argument("--milestones", type=float, nargs="+", default=[30, 60, 90],
+                   help="multistep: epochs (from the start of training) at which to decay")
+    g.add_argument("--gamma", type=float, default=0.1, help="step/multistep/exponential decay factor "
+                   "(exponential and cyclic exp_range: per epoch)")
+    g.add_argument("--plateau_patience", type=int, default=5, help="plateau: epochs without improvement")
+    g.add_argument("--plateau_factor", type=float, default=0.1)
+    g.add_argument("--cyclic_base_lr", type=float, default=1e-4)
+    g.add_argument("--cyclic_step_epochs", type=float, default=2.0, help="cyclic: half-cycle length")
+    g.add_argument("--cyclic_mode", default="triangular",
+                   choices=("triangular", "triangular2", "exp_range"))
+    g.add_argument("--onecycle_pct_start", type=float, default=0.25)
+    g.add_argument("--onecycle_div_factor", type=float, default=25.0)
+    g.add_argument("--onecycle_final_div_factor", type=float, default=1e4)
+    g.add_argument("--restart_epochs", type=float, default=10, help="cosine_restarts: first period")
+    g.add_argument("--restart_mult", type=int, default=1, help="cosine_restarts: period multiplier")
+    g.add_argument("--poly_power", type=float, default=2.0)
+    g.add_argument("--plot_lr", action="store_true",
+                   help="write lr_schedule.png for these flags and exit without training")
+
+
+def _add_init_args(p):
+    g = p.add_argument_group("weight init")
+    g.add_argument("--init", default="default", help=f"one of {', '.join(INITS)}")
+    g.add_argument("--init_mode", default="fan_in", choices=("fan_in", "fan_out"))
+    g.add_argument("--init_nonlinearity", default="relu",
+                   help="gain via nn.init.calculate_gain (relu, leaky_relu, tanh, linear, ...)")
+    g.add_argument("--lsuv_tol", type=float, default=0.1)
+    g.add_argument("--lsuv_max_iter", type=int, default=10)
+    g.add_argument("--zero_init_residual", action="store_true",
+                   help="set the last norm gamma of every residual branch to 0")
+
+
+def _add_averaging_args(p):
+    g = p.add_argument_group("weight averaging")
+    g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="per optimizer step")
+    g.add_argument("--ema_warmup", action="store_true",
+                   help="ramp the decay up as min(decay, (1+n)/(10+n)) over early steps")
+    g.add_argument("--swa", action="store_true", help="stochastic weight averaging")
+    g.add_argument("--swa_start", type=int, default=0, help="epoch from which SWA averages")
+    g.add_argument("--swa_lr", type=float, default=0.05)
+    g.add_argument("--swa_anneal_epochs", type=int, default=1)
+
+
+def _add_aug_args(p):
+    g = p.add_argument_group("augmentation (per sample)")
+    g.add_argument("--hflip", type=float, default=0.0, metavar="P")
+    g.add_argument("--vflip", type=float, default=0.0, metavar="P")
+    g.add_argument("--rotate", type=float, default=0.0, metavar="DEG")
+    g.add_argument("--crop_padding", type=int, default=0, metavar="PX",
+                   help="random crop after zero padding by PX")
+    g.add_argument("--random_resized_crop", type=float, default=0.0, metavar="SCALE_MIN",
+                   help="RandomResizedCrop with scale (SCALE_MIN, 1) (0 = off)")
+    g.add_argument("--blur", type=float, default=0.0, metavar="P", help="Gaussian blur probability")
+    g.add_argument("--color_jitter", type=float, nargs=4, default=None, metavar=("B", "C", "S", "H"),
+                   help="brightness, contrast, saturation, hue (1-channel: only B and C apply)")
+    g.add_argument("--affine", type=float, nargs=3, default=None, metavar=("TRANSLATE", "SCALE", "SHEAR"),
+                   help="translate fraction, scale delta, shear degrees")
+    g.add_argument("--perspective", type=float, default=0.0, metavar="P")
+    g.add_argument("--auto_augment", default="none", choices=AUTO_AUGMENTS)
+    g.add_argument("--cutout", type=int, nargs=2, default=None, metavar=("N", "SIZE"),
+                   help="N square holes of SIZE pixels")
+    g.add_argument("--random_erasing", type=float, default=0.0, metavar="P")
+    g.add_argument("--aug_backend", default="torchvision", choices=("torchvision", "imgaug"))
+    g.add_argument("--imgaug_preset", default="none", choices=("none", "seed"),
+                   help="seed: Fliplr, Flipud, GaussianBlur, MultiplyBrightness")
+    g.add_argument("--preview_aug", action="store_true",
+                   help="write aug_preview.png for these flags and exit without training")
+    g = p.add_argument_group("augmentation (batch mixing)")
+    g.add_argument("--mixup_alpha", type=float, default=0.0)
+    g.add_argument("--cutmix_alpha", type=float, default=0.0)
+    g.add_argument("--mix_switch_prob", type=float, default=0.5,
+                   help="with both alphas: probability of CutMix for a batch")
+    g.add_argument("--mosaic", type=float, default=0.0, metavar="P", help="probability of 2x2 mosaic")
+    g.add_argument("--mix_prob", type=float, default=1.0, help="probability of mixing a batch")
+    g.add_argument("--mix_off_epoch", type=int, default=0, help="no mixing from epoch E on, counting epochs from 1 as the log does (0 = never off)")
+
+
+def _add_adv_args(p):
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--adv", default="none", choices=ADVS)
+    g.add_argument("--adv_eps", type=float, default=0.1, help="L-inf radius in [0, 1] pixel units")
+    g.add_argument("--adv_alpha", type=float, default=0.0, help="step size (0 = 1.25*eps for FGSM, "
+                   "2.5*eps/steps for PGD)")
+    g.add_argument("--adv_steps", type=int, default=7)
+    g.add_argument("--adv_random_start", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--awp_gamma", type=float, default=0.005, help="AWP: relative weight perturbation")
+    g.add_argument("--awp_start_epoch", type=int, default=0)
+    g.add_argument("--awp_inputs", default="pgd", choices=("clean", "fgsm", "pgd"),
+                   help="AWP: inputs used with the perturbed weights")
+    g.add_argument("--eval_adv", default="none", choices=("none", "pgd"))
+    g.add_argument("--eval_adv_steps", type=int, default=10)
+
+
+def _add_run_args(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default=None, help="default: runs/<model>-<dataset>-<time>")
+    g.add_argument("--overwrite", action="store_true", help="allow writing into a run dir with checkpoints")
+    g.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt")
+    g.add_argument("--eval_only", action="store_true", help="evaluate --ckpt and exit")
+    g.add_argument("--ckpt", default=None, metavar="PATH", help="checkpoint for --eval_only")
+    g.add_argument("--use_ema", action="store_true", help="--eval_only: evaluate the EMA weights")
+    g.add_argument("--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (bit-exact resume on CPU)")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
+    g.add_argument("--tensorboard", action="store_true", help="log to <output_dir>/tb")
+    g = p.add_argument_group("device and speed")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--cuda", action="store_true", help="use CUDA when available, else warn and use CPU")
+    g.add_argument("--gpus", default=None, help="e.g. 0,1: sets CUDA_VISIBLE_DEVICES before CUDA starts")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="autocast: bf16 on CPU (pays off only on CPUs with AMX); bf16, or fp16 + GradScaler, "
+                        "on CUDA")
+    g.add_argument("--amp_dtype", default="auto", choices=("auto", "bf16", "fp16"))
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
+    g.add_argument("--sync_bn", action="store_true", help="DDP on CUDA: SyncBatchNorm")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train an image classifier with optional tricks.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON file of flag values; command-line flags override it")
+    for add in (_add_data_args, _add_model_args, _add_optim_args, _add_schedule_args, _add_init_args,
+                _add_averaging_args, _add_aug_args, _add_adv_args, _add_run_args):
+        add(p)
+    return p
+
+
+def load_config_file(path, parser):
+    """Read a YAML/JSON flag file; every key must be a flag of `parser`."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist; check the --config path")
+    try:
+        with open(path) as f:
+            text = f.read()
+        cfg = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"config file {path} is not valid YAML/JSON ({first}); fix its syntax")
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
+    if unknown:
+        raise UserError(f"config file {path} has unknown key(s) {', '.join(unknown)}; "
+                        f"keys are flag names without dashes (see --help)")
+    return {k.replace("-", "_"): v for k, v in cfg.items() if k not in _NOT_IN_CONFIG}
+
+
+def parse_args(argv=None, parser=None):
+    """Parse flags with precedence defaults < --config file (or the --resume checkpoint's flags) < command line."""
+    parser = parser or get_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.resume:
+        # Continue the run as it was configured: its saved flags become the defaults.
+        from utils.checkpoint import load_checkpoint
+        saved = load_checkpoint(pre.resume).get("args", {})
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in _RUN_LOCAL})
+    if pre.config:
+        parser.set_defaults(**load_config_file(pre.config, parser))
+    return parser.parse_args(argv)
+
+
+def save_config(args, path):
+    """Write the resolved flags so that `--config path` reproduces the run (into a new output dir)."""
+    d = {k: v for k, v in vars(args).items() if k not in _RUN_LOCAL | {"output_dir"}}
+    with open(path, "w") as f:
+        yaml.safe_dump(d, f, sort_keys=False)

@@ -1,0 +1,207 @@
+"""Data for training: `build_data(args)` -> `Data` (loaders, class names, pixel mean/std).
+
+Fashion-MNIST and CIFAR-10 are held in memory as one uint8 tensor (`InMemoryLoader`); `imagefolder`
+and `csv` datasets decode image files per sample (`make_file_loader`). Every loader yields
+(x uint8 NCHW, y int64) and has `set_epoch(epoch)`; normalisation happens inside the model.
+"""
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.errors import UserError
+
+from .cifar import CLASS_NAMES as CIFAR10_CLASSES, load_cifar10
+from .fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES, load_fashion_mnist
+from .files import ImageFileDataset, load_file_dataset
+from .loader import InMemoryLoader, make_file_loader
+from .split import balanced_weights, carve_validation, class_counts, inverse_frequency_weights, stratified_subset
+
+log = logging.getLogger(__name__)
+
+# name -> (loader, class names, native channels, native size) for the in-memory datasets
+IN_MEMORY = {"fashion_mnist": (load_fashion_mnist, FASHION_MNIST_CLASSES, 1, 28),
+             "cifar10": (load_cifar10, CIFAR10_CLASSES, 3, 32)}
+DATASETS = (*IN_MEMORY, "imagefolder", "csv")
+FILE_DEFAULT_SIZE, FILE_DEFAULT_CHANS, DEFAULT_VAL_RATIO = 64, 3, 0.2
+
+__all__ = ["Data", "build_data", "class_counts", "balanced_weights", "DATASETS", "InMemoryLoader",
+           "make_file_loader"]
+
+
+@dataclass
+class Data:
+    train_loader: object
+    val_loader: object
+    test_loader: object  # None when the validation split is the test split
+    num_classes: int
+    class_names: list
+    in_chans: int
+    img_size: int
+    mean: tuple  # per channel, pixels as fractions in [0, 1], from the training split
+    std: tuple
+    train_labels: torch.Tensor  # int64, the training split (class weights, balanced sampler)
+    train_images: torch.Tensor  # uint8 NCHW for in-memory datasets, else None
+    val_name: str  # "val" or "test": what the validation loader evaluates
+
+
+def _mean_std(s1, s2, count):
+    """Per-channel mean and std in [0, 1] from the sums of uint8 values and of their squares."""
+    mean = np.asarray(s1, dtype=np.float64) / count
+    var = np.maximum(np.asarray(s2, dtype=np.float64) / count - mean**2, 0.0)
+    std = np.sqrt(var) / 255
+    if (std == 0).any():
+        log.warning("a channel of the training images is constant; using std 1 for it")
+        std[std == 0] = 1.0
+    return tuple(float(m) for m in mean / 255), tuple(float(s) for s in std)
+
+
+def uint8_mean_std(images):
+    """Exact per-channel mean/std of a uint8 NCHW tensor, via a 256-bin histogram per channel."""
+    values = torch.arange(256, dtype=torch.float64)
+    hist = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+                        for c in range(images.shape[1])])
+    count = images.numel() / images.shape[1]
+    return _mean_std((hist * values).sum(1).numpy(), (hist * values**2).sum(1).numpy(), count)
+
+
+def convert_uint8(images, in_chans, img_size, chunk=4096):
+    """uint8 NCHW images with `in_chans` channels (grey <-> RGB) at img_size (antialiased bilinear)."""
+    if images.shape[1] == in_chans and images.shape[-1] == img_size and images.shape[-2] == img_size:
+        return images
+    out = []
+    for x in images.split(chunk):  # chunks keep the float copy small
+        x = x.float()
+        if x.shape[1] == 3 and in_chans == 1:  # ITU-R 601 luma, as PIL's convert("L")
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        elif x.shape[1] == 1 and in_chans == 3:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (img_size, img_size):
+            x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _take(split, idx):
+    items, labels = split
+    if isinstance(items, torch.Tensor):
+        return items[torch.as_tensor(idx, dtype=torch.int64)], labels[idx]
+    return [items[i] for i in idx], labels[idx]
+
+
+def resolve_splits(splits, class_names, args):
+    """Final {"train", "val", "test"} splits and the validation split's name.
+
+    --val_ratio / --kfold carve validation from train; the dataset's own held-out split then
+    becomes the test split. Otherwise a given val split is used, else the test split validates
+    (val_name "test"), else a stratified 20% is held out.
+    """
+    train, val, test = (None if s is None else (s[0], np.asarray(s[1], dtype=np.int64))
+                        for s in (splits["train"], splits["val"], splits["test"]))
+    if len(train[1]) == 0:
+        raise UserError("the training split has no images; check the dataset, --train_list and "
+                        "--skip_bad_images")
+    carve = carve_validation(train[1], args.val_ratio, args.kfold, args.fold, args.seed)
+    if carve is None and val is None and test is None:
+        log.info("no validation split given: holding out a stratified %d%% of train "
+                 "(set --val_ratio, --kfold or --val_list to change)", 100 * DEFAULT_VAL_RATIO)
+        carve = carve_validation(train[1], DEFAULT_VAL_RATIO, 0, 0, args.seed)
+    if carve is not None:
+        if val is not None and test is not None:
+            log.warning("validation is carved from train: the dataset's val split is not used")
+        held_out = test if test is not None else val
+        train, val, test = _take(train, carve[0]), _take(train, carve[1]), held_out
+        val_name = "val"
+    elif val is not None:
+        val_name = "val"
+    else:
+        val, test, val_name = test, None, "test"
+    train = _take(train, stratified_subset(train[1], args.train_subset, args.seed))
+    val = _take(val, stratified_subset(val[1], args.eval_subset, args.seed))
+    if test is not None:
+        test = _take(test, stratified_subset(test[1], args.eval_subset, args.seed))
+    seen = set(np.unique(train[1]).tolist())
+    for name, s in (("training", train), ("validation", val), ("test", test)):
+        if s is not None and len(s[1]) == 0:
+            raise UserError(f"the {name} split has no images; check the dataset, --train_list/"
+                            f"--val_list and --skip_bad_images")
+        if s is not None and name != "training":
+            unseen = sorted(set(np.unique(s[1]).tolist()) - seen)
+            if unseen:
+                raise UserError(f"{name} class(es) {', '.join(class_names[c] for c in unseen[:5])} "
+                                f"have no training images; add some, or check the train split "
+                                f"(--train_list, --train_subset)")
+    return {"train": train, "val": val, "test": test}, val_name
+
+
+def _check_flags(args):
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size} must be at least 1")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers} must be 0 (load in the main process) or more")
+    if args.img_size is not None and args.img_size < 1:
+        raise UserError(f"--img_size {args.img_size} must be a positive number of pixels")
+
+
+def build_data(args, rank=0, world_size=1, device="cpu"):
+    """Datasets, splits and loaders for the data flags; `rank`/`world_size` shard them for DDP."""
+    from .transforms import build_batch_augment, build_train_transform, seed_worker
+
+    _check_flags(args)
+    if args.dataset in IN_MEMORY:
+        load, class_names, in_chans, img_size = IN_MEMORY[args.dataset]
+        in_chans, img_size = args.in_chans or in_chans, args.img_size or img_size
+        train_x, train_y, test_x, test_y = load(args.data_dir, args.download)
+        splits = {"train": (convert_uint8(train_x, in_chans, img_size), train_y.numpy()),
+                  "val": None, "test": (convert_uint8(test_x, in_chans, img_size), test_y.numpy())}
+    else:
+        in_chans, img_size = args.in_chans or FILE_DEFAULT_CHANS, args.img_size or FILE_DEFAULT_SIZE
+        splits, class_names, pixel_sums = load_file_dataset(args, in_chans, img_size)
+    splits, val_name = resolve_splits(splits, class_names, args)
+    num_classes = len(class_names)
+    train_items, train_labels = splits["train"]
+    train_labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
+    weights = balanced_weights(train_labels, num_classes) if args.balanced_sampler else None
+
+    if args.dataset in IN_MEMORY:
+        mean, std = uint8_mean_std(train_items)
+        train_images = train_items
+        train_loader = InMemoryLoader(train_items, train_labels, args.batch_size, shuffle=True,
+                                      seed=args.seed, drop_last=True,
+                                      batch_aug=build_batch_augment(args, in_chans), rank=rank,
+                                      world_size=world_size, device=device, sampler_weights=weights)
+
+        def eval_loader(split):
+            return InMemoryLoader(split[0], split[1], args.batch_size, shuffle=False, seed=args.seed,
+                                  rank=rank, world_size=world_size, device=device)
+    else:
+        sums = np.stack([pixel_sums[p] for p in train_items]).sum(0)
+        mean, std = _mean_std(sums[0], sums[1], len(train_items) * img_size * img_size)
+        train_images = None
+        train_set = ImageFileDataset(train_items, train_labels.tolist(), in_chans, img_size,
+                                     build_train_transform(args, in_chans))
+        train_loader = make_file_loader(train_set, args.batch_size, shuffle=True, seed=args.seed,
+                                        drop_last=True, rank=rank, world_size=world_size,
+                                        device=device, sampler_weights=weights,
+                                        workers=args.workers, worker_init_fn=seed_worker)
+
+        def eval_loader(split):
+            return make_file_loader(ImageFileDataset(split[0], split[1], in_chans, img_size),
+                                    args.batch_size, shuffle=False, seed=args.seed, rank=rank,
+                                    world_size=world_size, device=device, workers=args.workers,
+                                    worker_init_fn=seed_worker)
+
+    test = splits["test"]
+    log.info("%s: %d train / %d %s%s images, %d classes, %d x %dx%d", args.dataset, len(train_labels),
+             len(splits["val"][1]), val_name, f" / {len(test[1])} test" if test else "",
+             num_classes, in_chans, img_size, img_size)
+    return Data(train_loader=train_loader, val_loader=eval_loader(splits["val"]),
+                test_loader=eval_loader(test) if test is not None else None,
+                num_classes=num_classes, class_names=list(class_names), in_chans=in_chans,
+                img_size=img_size, mean=mean, std=std, train_labels=train_labels,
+                train_images=train_images, val_name=val_name)

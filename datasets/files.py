@@ -1,0 +1,229 @@
+"""Image-file datasets: class sub-folders (`imagefolder`) or a CSV of file name -> label (`csv`).
+
+Every image is converted to RGB (or L for --in_chans 1) and squashed to img_size x img_size
+(aspect ratio not kept). Before training, every listed image is opened and fully decoded once
+(`Image.verify()` misses truncated files), which also gives exact per-channel pixel sums for mean/std.
+"""
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def load_image(path, in_chans, img_size):
+    """Decode `path` fully into a uint8 (in_chans, img_size, img_size) tensor."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)  # a loaded copy, upright as the camera meant it
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # palette transparency must go through RGBA before RGB/L
+    img = img.convert("L" if in_chans == 1 else "RGB")
+    if img.size != (img_size, img_size):
+        img = img.resize((img_size, img_size), Image.BILINEAR)  # PIL antialiases when shrinking
+    return torch.from_numpy(np.array(img)).reshape(img_size, img_size, in_chans).permute(2, 0, 1)
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """(uint8 CHW tensor, int label) pairs decoded from image files; `transform` maps uint8 CHW to
+    uint8 CHW (the per-sample training augmentation) and is None for evaluation."""
+
+    def __init__(self, paths, labels, in_chans, img_size, transform=None):
+        self.paths, self.labels = list(paths), [int(y) for y in labels]
+        self.in_chans, self.img_size, self.transform = in_chans, img_size, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        x = load_image(self.paths[i], self.in_chans, self.img_size)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[i]
+
+
+def _probe(path, in_chans, img_size):
+    """Per-channel (sum, sum of squares) of the decoded image as int64 (2, C), or the error text."""
+    try:
+        x = load_image(path, in_chans, img_size).long()
+    except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
+        return f"{type(e).__name__}: {e}"
+    return torch.stack([x.sum((1, 2)), (x * x).sum((1, 2))]).numpy()
+
+
+def check_images(paths, in_chans, img_size, skip_bad, threads=1):
+    """Decode every image once; returns ({path: int64 (2, C) pixel sums}, paths that failed).
+
+    Missing or undecodable files raise a UserError naming them, or with `skip_bad` are only
+    logged and left out of the returned dict.
+    """
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing and not skip_bad:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{len(missing)} listed image(s) not found: {', '.join(missing[:3])}{more}; "
+                        f"check --data_dir and the image names, or pass --skip_bad_images to drop them")
+    present = [p for p in paths if os.path.isfile(p)]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(lambda p: _probe(p, in_chans, img_size), present))
+    sums = {p: r for p, r in zip(present, results) if not isinstance(r, str)}
+    bad = [(p, r) for p, r in zip(present, results) if isinstance(r, str)]
+    if bad and not skip_bad:
+        total = f" ({len(bad)} unreadable images in total)" if len(bad) > 1 else ""
+        raise UserError(f"cannot decode image {bad[0][0]} ({bad[0][1]}){total}; replace or delete it, "
+                        f"or pass --skip_bad_images to drop unreadable images")
+    if missing or bad:
+        example = (missing or [bad[0][0]])[0]
+        log.warning("--skip_bad_images: dropped %d missing and %d unreadable image(s), e.g. %s",
+                    len(missing), len(bad), example)
+    return sums, missing + [p for p, _ in bad]
+
+
+def _scan_classes(root):
+    """(paths, class names) of the images in the class sub-folders of `root`, sorted."""
+    paths, names = [], []
+    for cls in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                      and not d.startswith(".")):
+        for folder, dirs, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+            dirs.sort()
+            for f in sorted(files):
+                if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
+                    paths.append(os.path.join(folder, f))
+                    names.append(cls)
+    return paths, names
+
+
+def read_imagefolder(data_dir):
+    """{"train", "val", "test"} -> (paths, class names) or None.
+
+    With data_dir/train, the splits are train/, val/ and test/ (each optional but train);
+    otherwise the class sub-folders of data_dir form the training set.
+    """
+    layout = os.path.isdir(os.path.join(data_dir, "train"))
+    splits = {}
+    for name in ("train", "val", "test"):
+        root = os.path.join(data_dir, name) if layout else data_dir
+        if name == "train" or (layout and os.path.isdir(root)):
+            splits[name] = _scan_classes(root)
+            if not splits[name][0]:
+                raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in class sub-folders of "
+                                f"{root}; the layout is {root}/<class>/<image>")
+        else:
+            splits[name] = None
+    return splits
+
+
+def _existing(path, data_dir, flag):
+    """`path` as given, else relative to data_dir; UserError if neither exists."""
+    for p in (path, os.path.join(data_dir, path)):
+        if os.path.isfile(p):
+            return p
+    raise UserError(f"{flag} file {path} does not exist (also looked in {data_dir}); check {flag}")
+
+
+def read_info_csv(path, image_column, label_column):
+    """{image name: label} from the CSV; labels keep their type (int or str)."""
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"--info_csv {path} is empty; it needs a header and one row per image") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"--info_csv {path} is not a well-formed CSV ({first}); fix the file") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    for col, flag in ((image_column, "--image_column"), (label_column, "--label_column")):
+        if col not in df.columns:
+            raise UserError(f"--info_csv {path} has no column {col!r} (it has: "
+                            f"{', '.join(map(repr, df.columns))}); pass {flag}")
+    df = df[[image_column, label_column]]
+    empty = df.isna().any(axis=1).to_numpy()
+    if empty.any():
+        raise UserError(f"--info_csv {path}: {empty.sum()} row(s) lack an image name or label (first "
+                        f"at line {np.flatnonzero(empty)[0] + 2}); fill in or delete those rows")
+    labels = df[label_column]
+    if labels.dtype == object:
+        labels = labels.astype(str).str.strip()
+    if labels.dtype.kind == "f" and (labels == labels.round()).all():
+        labels = labels.astype(np.int64)  # "3.0" read as float is the integer class 3
+    mapping = {}
+    for name, label in zip(df[image_column].astype(str).str.strip(), labels.tolist()):
+        if mapping.setdefault(name, label) != label:
+            raise UserError(f"--info_csv {path} gives image {name} two labels ({mapping[name]!r} and "
+                            f"{label!r}); keep one row per image")
+    return mapping
+
+
+def _read_list(path, flag, data_dir):
+    path = _existing(path, data_dir, flag)
+    with open(path) as f:
+        names = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    if not names:
+        raise UserError(f"{flag} file {path} lists no images; put one image name per line")
+    return names
+
+
+def _image_path(data_dir, name):
+    path = os.path.join(data_dir, name)
+    if not os.path.splitext(name)[1] and not os.path.isfile(path):
+        for ext in IMG_EXTENSIONS:  # CSVs often list ids without the extension
+            if os.path.isfile(path + ext):
+                return path + ext
+    return path
+
+
+def read_csv_dataset(args):
+    """{"train", "val", "test"} -> (paths, labels) or None, from --info_csv and the lists."""
+    if not args.info_csv:
+        raise UserError("--dataset csv needs --info_csv FILE (a CSV of image name and label)")
+    info_csv = _existing(args.info_csv, args.data_dir, "--info_csv")
+    mapping = read_info_csv(info_csv, args.image_column, args.label_column)
+    lists = {}
+    for name, path, flag in (("train", args.train_list, "--train_list"),
+                             ("val", args.val_list, "--val_list")):
+        if path:
+            lists[name] = _read_list(path, flag, args.data_dir)
+            unknown = [n for n in lists[name] if n not in mapping]
+            if unknown:
+                more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+                raise UserError(f"{len(unknown)} image(s) in {flag} {path} are not in --info_csv "
+                                f"{info_csv}: {', '.join(unknown[:3])}{more}; add them to the CSV")
+    if "train" not in lists:
+        held_out = set(lists.get("val", ()))
+        lists["train"] = [n for n in mapping if n not in held_out]
+    if "val" in lists:
+        overlap = len(set(lists["train"]) & set(lists["val"]))
+        if overlap:
+            log.warning("%d image(s) are in both --train_list and --val_list; validation is optimistic",
+                        overlap)
+    return {name: ([_image_path(args.data_dir, n) for n in lists[name]],
+                   [mapping[n] for n in lists[name]]) if name in lists else None
+            for name in ("train", "val", "test")}
+
+
+def load_file_dataset(args, in_chans, img_size):
+    """Read, check and index a file dataset.
+
+    Returns ({"train"|"val"|"test": (paths, int labels) or None}, class names (sorted labels as
+    str), {path: int64 (2, C) pixel sums of the decoded image}).
+    """
+    if not os.path.isdir(args.data_dir):
+        raise UserError(f"--data_dir {args.data_dir} does not exist; point it at the image folder")
+    splits = read_imagefolder(args.data_dir) if args.dataset == "imagefolder" else read_csv_dataset(args)
+    classes = sorted({y for s in splits.values() if s is not None for y in s[1]})
+    index = {c: i for i, c in enumerate(classes)}
+    paths = [p for s in splits.values() if s is not None for p in s[0]]
+    sums, dropped = check_images(list(dict.fromkeys(paths)), in_chans, img_size, args.skip_bad_images,
+                                 threads=args.workers)
+    dropped = set(dropped)
+    out = {}
+    for name, s in splits.items():
+        keep = [(p, index[y]) for p, y in zip(*s) if p not in dropped] if s is not None else None
+        out[name] = (None if keep is None else ([p for p, _ in keep], [y for _, y in keep]))
+    return out, [str(c) for c in classes], sums

@@ -1,0 +1,144 @@
+"""Batch loaders with one index order for every dataset kind: seeded per epoch, sharded for DDP.
+
+`InMemoryLoader` gathers batches from one uint8 tensor (optionally on the GPU); `make_file_loader`
+wraps a torch DataLoader around a file Dataset. Both draw indices from `epoch_indices`, so
+`loader.set_epoch(e)` fixes the order exactly (resume replays it) and balanced sampling composes
+with DDP sharding (torch's WeightedRandomSampler and DistributedSampler do not).
+"""
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+def epoch_seed(seed, epoch):
+    """A well-mixed 64-bit generator seed for (seed, epoch)."""
+    ss = np.random.SeedSequence([seed % 2**64, epoch % 2**64])
+    return int(ss.generate_state(1, np.uint64)[0])
+
+
+def epoch_indices(n, shuffle, seed, epoch, rank=0, world_size=1, weights=None):
+    """Indices rank `rank` visits in epoch `epoch`, an int64 tensor.
+
+    Training (shuffle or weights): a permutation (or `n` weighted draws with replacement) from a
+    generator seeded by (seed, epoch), identical on every rank, padded by wrapping around to a
+    multiple of world_size, then every rank takes perm[rank::world_size] (equal step counts).
+    Evaluation: rank r gets r, r + world_size, ... with no padding, so summed metrics count every
+    sample exactly once.
+    """
+    if not shuffle and weights is None:
+        return torch.arange(rank, n, world_size)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    if weights is not None:
+        perm = torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), n, replacement=True,
+                                 generator=g)
+    else:
+        perm = torch.randperm(n, generator=g)
+    if world_size > 1:
+        total = math.ceil(n / world_size) * world_size
+        perm = perm.repeat(math.ceil(total / n))[:total][rank::world_size]
+    return perm
+
+
+def shard_size(n, train, rank=0, world_size=1):
+    """len(epoch_indices(...)) without drawing them; `train` = shuffle or weighted."""
+    return math.ceil(n / world_size) if train else len(range(rank, n, world_size))
+
+
+def _num_batches(count, batch_size, drop_last):
+    # drop_last only when it leaves at least one batch: a tiny training set still trains.
+    if drop_last and count >= batch_size:
+        return count // batch_size
+    return math.ceil(count / batch_size)
+
+
+class InMemoryLoader:
+    """Yields (x uint8 NCHW, y int64) batches from tensors held in memory (on `device` if not CPU)."""
+
+    def __init__(self, images_uint8, labels, batch_size, shuffle, seed, drop_last=False,
+                 batch_aug=None, rank=0, world_size=1, device="cpu", sampler_weights=None):
+        if images_uint8.dtype != torch.uint8:
+            raise TypeError(f"images must be uint8, got {images_uint8.dtype}")
+        device = torch.device(device)
+        # Move the whole set once; each batch is then a gather on the device, with no host copy.
+        self.images = images_uint8.to(device)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_aug, self.rank, self.world_size = batch_aug, rank, world_size
+        self.weights = sampler_weights
+        self.epoch = 0
+        train = shuffle or sampler_weights is not None
+        count = shard_size(len(self.labels), train, rank, world_size)
+        self.num_batches = _num_batches(count, batch_size, drop_last)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        idx = epoch_indices(len(self.labels), self.shuffle, self.seed, self.epoch, self.rank,
+                            self.world_size, self.weights).to(self.images.device)
+        for b in range(self.num_batches):
+            j = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[j]
+            if self.batch_aug is not None:
+                x = self.batch_aug(x)
+            yield x, self.labels[j]
+
+
+class EpochSampler(Sampler):
+    """A torch Sampler over `epoch_indices`; `set_epoch` picks the epoch's order."""
+
+    def __init__(self, n, shuffle, seed, rank=0, world_size=1, weights=None):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.weights = rank, world_size, weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_indices(self.n, self.shuffle, self.seed, self.epoch, self.rank,
+                                  self.world_size, self.weights).tolist())
+
+    def __len__(self):
+        return shard_size(self.n, self.shuffle or self.weights is not None, self.rank,
+                          self.world_size)
+
+
+class FileLoader:
+    """A DataLoader plus `set_epoch` and an optional batch augmentation of the uint8 batch."""
+
+    def __init__(self, loader, sampler, batch_aug=None):
+        self.loader, self.sampler, self.batch_aug = loader, sampler, batch_aug
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            if self.batch_aug is not None:
+                x = self.batch_aug(x)
+            yield x, y
+
+
+def make_file_loader(dataset, batch_size, shuffle, seed, drop_last=False, rank=0, world_size=1,
+                     device="cpu", sampler_weights=None, workers=0, worker_init_fn=None,
+                     batch_aug=None):
+    """A FileLoader over `dataset` (items (uint8 CHW tensor, int label)) with the index order of
+    `epoch_indices`; workers persist across epochs and are seeded from a generator seeded by `seed`."""
+    sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, sampler_weights)
+    drop_last = drop_last and len(sampler) >= batch_size
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+                        persistent_workers=workers > 0, worker_init_fn=worker_init_fn, generator=g)
+    return FileLoader(loader, sampler, batch_aug)

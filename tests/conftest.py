@@ -1,0 +1,21 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+# A run small enough for a unit test: a few hundred real Fashion-MNIST images, ResNet-8, CPU.
+QUICK = ["--train_subset", "512", "--eval_subset", "256", "--model", "resnet8", "--epochs", "1",
+         "--batch_size", "64", "--no_progress", "--device", "cpu", "--warmup_epochs", "0"]
+
+needs_fmnist = pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST not installed (bash setup.sh)")
+
+
+def run_script(args, cwd=ROOT, timeout=600):
+    """Run a repository script in a fresh interpreter; returns the CompletedProcess."""
+    import subprocess
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

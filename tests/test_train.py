@@ -1,0 +1,136 @@
+"""End-to-end: a 1-epoch run writes every output; a killed run resumes to identical weights;
+bad input fails with a one-line message and exit code 2."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import QUICK, ROOT, needs_fmnist, run_script
+
+pytestmark = needs_fmnist
+
+
+def test_smoke_run_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    r = run_script(["train.py", *QUICK, "--output_dir", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("metrics.csv", "curves.png", "summary.json", "last.pt", "best.pt", "config.yaml", "train.log"):
+        assert (out / name).is_file(), name
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("final_val_acc", "best_val_acc", "test_acc", "epochs", "train_seconds", "images_per_second"):
+        assert key in s, key
+    assert 0.0 <= s["final_val_acc"] <= 1.0 and s["epochs"] == 1
+    assert s["final_val_acc"] > 0.3  # 512 real images, one epoch: well above chance (0.1)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert ckpt["epoch"] == 1 and len(ckpt["class_names"]) == 10
+
+    # --eval_only on the checkpoint reproduces the final validation accuracy
+    r = run_script(["train.py", "--eval_only", "--ckpt", str(out / "last.pt"), *QUICK[:4], "--no_progress",
+                    "--device", "cpu", "--output_dir", str(tmp_path / "ev")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads((tmp_path / "ev" / "eval_summary.json").read_text())
+    assert ev["val_acc"] == pytest.approx(s["final_val_acc"], abs=1e-9)
+
+    # reusing a directory that holds checkpoints is refused, nothing is touched
+    before = (out / "last.pt").stat().st_mtime_ns
+    r = run_script(["train.py", *QUICK, "--output_dir", str(out)])
+    assert r.returncode == 2 and "already holds checkpoints" in r.stderr
+    assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_kill_and_resume_gives_identical_weights(tmp_path):
+    flags = [*QUICK, "--epochs", "3", "--deterministic", "--train_subset", "1024", "--hflip", "0.5",
+             "--crop_padding", "2", "--mixup_alpha", "0.2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    r = run_script(["train.py", *flags, "--output_dir", str(full)])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
+    if ckpt["epoch"] == 3:
+        pytest.skip("the run finished before it could be killed")
+    r = run_script(["train.py", "--resume", str(killed / "last.pt"), "--no_progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = torch.load(full / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
+    assert b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert len(b["metrics"]["history"]) == 3
+
+
+def _expect_error(args, fragment, tmp_path):
+    r = run_script(["train.py", *args])
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    err = r.stderr.strip().splitlines()
+    assert err and err[-1].startswith("error:") and fragment in err[-1], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--dataset", "mnist_typo"], "fashion_mnist"),
+    (["--model", "resnet_typo"], "resnet20"),
+    (["--opt", "lion"], "sgd"),
+    (["--scheduler", "warm"], "cosine"),
+    (["--dataset", "cifar10", "--data_dir", "/nonexistent"], "/nonexistent"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_bad_flags(args, fragment, tmp_path):
+    _expect_error([*QUICK, "--output_dir", str(tmp_path / "r"), *args], fragment, tmp_path)
+
+
+def test_bad_checkpoints(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    _expect_error(["--eval_only", "--ckpt", str(junk)], "not a readable checkpoint", tmp_path)
+    _expect_error(["--eval_only", "--ckpt", str(tmp_path / "missing.pt")], "does not exist", tmp_path)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lr: 0.1\nnot_a_flag: 1\n")
+    _expect_error(["--config", str(cfg)], "not_a_flag", tmp_path)
+
+
+def test_resume_of_another_model_and_truncated_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run_script(["train.py", *QUICK, "--output_dir", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    _expect_error(["--resume", str(out / "last.pt"), "--model", "resnet20", "--epochs", "2"],
+                  "differ", tmp_path)
+    data = (out / "last.pt").read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(data[: len(data) // 2])
+    _expect_error(["--eval_only", "--ckpt", str(trunc)], "truncated", tmp_path)
+
+
+def test_unwritable_output_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a regular file instead
+        target = tmp_path / "file"
+        target.write_text("x")
+        target = target / "sub"
+    else:
+        target = ro / "sub"
+    _expect_error([*QUICK, "--output_dir", str(target)], "cannot write to output dir", tmp_path)
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run_script(["train.py", *QUICK, "--output_dir", str(out), "--lr", "1e30", "--opt", "sgd"])
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert "epoch 1 step" in r.stderr and "Traceback" not in r.stderr

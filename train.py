@@ -1,0 +1,382 @@
+"""Train an image classifier; every trick is a flag (see README.md) and off by default.
+
+Read top to bottom: `main` builds data, model, optimiser and schedule, then the tricks (each an object
+or None), then runs `for epoch: train_one_epoch(); evaluate(); save_checkpoint()`.
+    python train.py                          # Fashion-MNIST, ResNet-20, the default recipe
+    torchrun --nproc_per_node 2 train.py     # data-parallel
+"""
+import functools
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import config
+from datasets import build_data, inverse_frequency_weights
+from datasets.transforms import build_batch_augment, describe as describe_aug
+from models import build_model, model_config, model_summary
+from utils import distributed as dist_utils
+from utils.adversarial import build_attack, pgd, pgd_eval_defaults
+from utils.awp import AWP
+from utils.checkpoint import get_rng_state, load_checkpoint, load_model, load_state, save_checkpoint, set_rng_state
+from utils.ema import ModelEMA
+from utils.errors import UserError, run_cli
+from utils.init import init_weights, lsuv_init, zero_init_residual
+from utils.logger import setup_logging
+from utils.misc import accuracy_counts, make_precision, resolve_device, seed_everything
+from utils.mix import build_mixer
+from utils.optim import build_optimizer, scaled_lr
+from utils.outputs import plot_curves, prepare_output_dir, write_json, write_metrics_csv
+from utils.scheduler import build_scheduler, plot_lr
+from utils.swa import SWA
+
+log = logging.getLogger("train")
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, epoch, *, mix=None,
+                    attack=None, attack_loss=None, awp=None, ema=None, unwrapped=None, step_sched=True,
+                    clip_grad=0.0, teacher=None, progress=False):
+    """One pass over the training data. Each trick enters at one visible call point.
+
+    `model` may be DDP/compile-wrapped; `unwrapped` is the plain module (EMA source, attack target).
+    """
+    unwrapped = unwrapped if unwrapped is not None else model
+    model.train()
+    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
+        if mix is not None:
+            x, y = mix(x, y)  # soft targets; label smoothing stays inside the criterion
+        if attack is not None:
+            with prec.autocast():  # adversarial inputs, in [0, 1] pixel space; no DDP sync needed
+                x = attack.perturb(unwrapped, x, y, attack_loss)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad(), prec.autocast():
+                teacher_logits = teacher(x)  # sees exactly the student's (mixed, perturbed) batch
+        if awp is not None:
+            with prec.autocast():
+                awp.perturb(x, y, attack_loss)  # weights w -> w + v (worst case near w)
+
+        optimizer.zero_grad(set_to_none=True)
+        with prec.autocast():
+            logits = model(x)
+            loss = criterion(logits, y) if teacher is None else criterion(logits, y, teacher_logits)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}; the last good "
+                                f"checkpoint is kept; lower --lr, add --warmup_epochs or --clip_grad")
+        scaler.scale(loss).backward()
+        if awp is not None:
+            awp.restore()  # back to w exactly: the gradient taken at w + v is applied at w
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        if step_sched:
+            sched.step()  # per-iteration schedule (SWA sets the lr per epoch instead)
+        if ema is not None:
+            ema.update(unwrapped)
+
+        n = y.shape[0]
+        loss_sum += loss_value * n
+        correct += accuracy_counts(logits.detach(), y, topk=(1,))[0]
+        seen += n
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+    loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum, correct, seen], prec.device)
+    seconds = time.perf_counter() - t0
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "images_per_second": seen / seconds, "epoch_seconds": seconds}
+
+
+def evaluate(model, loader, prec, *, tta=False, adv_eps=0.0, adv_steps=0, collect=False):
+    """Loss, top-1 and top-5 over every sample exactly once (summed over processes).
+
+    tta: average the logits of the image and its horizontal flip. adv_steps > 0: also PGD robust accuracy.
+    collect: also return the per-sample probabilities and targets (for the evaluation report).
+    """
+    model.eval()
+    sums = [0.0, 0, 0, 0, 0]  # loss, top1, top5, robust correct, n
+    probs, targets = [], []
+    for x, y in loader:
+        x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
+        with torch.no_grad(), prec.autocast():
+            logits = model(x)
+            if tta:
+                logits = (logits + model(x.flip(3))) / 2
+        logits = logits.float()
+        top1, top5 = accuracy_counts(logits, y)
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
+        sums[1] += top1
+        sums[2] += top5
+        sums[4] += y.shape[0]
+        if adv_steps > 0:
+            with prec.autocast():
+                x_adv = pgd(model, x, y, **pgd_eval_defaults(adv_eps, adv_steps))  # deterministic
+                with torch.no_grad():
+                    sums[3] += (model(x_adv).argmax(1) == y).sum().item()
+        if collect:
+            probs.append(logits.softmax(1).cpu())
+            targets.append(y.cpu())
+    loss, top1, top5, robust, n = dist_utils.all_reduce_sum(sums, prec.device)
+    if n == 0:
+        raise UserError("the evaluation split is empty; check --val_ratio/--eval_subset")
+    out = {"loss": loss / n, "acc": top1 / n, "acc5": top5 / n}
+    if adv_steps > 0:
+        out["robust_acc"] = robust / n
+    if collect:
+        out["probs"], out["targets"] = torch.cat(probs), torch.cat(targets)
+    return out
+
+
+def make_criterion(label_smoothing=0.0, class_weights=None):
+    """Cross-entropy on class indices or soft targets; the one place label smoothing is applied."""
+    return functools.partial(F.cross_entropy, label_smoothing=label_smoothing, weight=class_weights)
+
+
+def check_args(args):
+    for name in ("batch_size", "epochs"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive (got {args.lr})")
+    if args.eval_only and not args.ckpt:
+        raise UserError("--eval_only needs --ckpt PATH (a checkpoint written by train.py)")
+    if args.resume and args.eval_only:
+        raise UserError("--resume and --eval_only do not go together; use --eval_only --ckpt PATH")
+    if args.swa and args.swa_start >= args.epochs:
+        raise UserError(f"--swa_start {args.swa_start} must be below --epochs {args.epochs}")
+
+
+def setup_run(args):
+    """Device, precision, seeds and (on rank 0) the output directory and logging."""
+    device = resolve_device(args.device, args.cuda, args.gpus, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = dist_utils.init_distributed(device.type == "cuda")
+    if args.sync_bn and device.type != "cuda":
+        raise UserError("--sync_bn needs CUDA (SyncBatchNorm does not run on CPU); drop it for CPU runs")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed + dist.rank, args.deterministic)
+    writes = not (args.plot_lr or args.preview_aug)
+    if not writes:  # a single picture, into --output_dir (default: here)
+        args.output_dir = args.output_dir or "."
+        os.makedirs(args.output_dir, exist_ok=True)
+    else:
+        if args.eval_only and args.output_dir is None:
+            args.output_dir = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+            os.makedirs(args.output_dir, exist_ok=True)
+        elif dist.is_main:
+            args.output_dir = prepare_output_dir(args.output_dir, args.model, args.dataset, args.resume,
+                                                 args.overwrite or args.eval_only)
+    setup_logging(os.path.join(args.output_dir, "train.log") if writes and dist.is_main else None, dist.is_main)
+    prec = make_precision(device, args.amp, args.amp_dtype, args.channels_last)
+    return dist, prec
+
+
+def main(args, build_loss=None):
+    """Train (or evaluate) as the flags say. `build_loss(args, data, prec, criterion)` lets
+    train_distill.py swap the loss: it returns (criterion, teacher_or_None, extra_summary)."""
+    check_args(args)
+    dist, prec = setup_run(args)
+    log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | "
+             f"channels_last {prec.channels_last} | world size {dist.world_size} | threads {torch.get_num_threads()}")
+
+    # ---- data -------------------------------------------------------------------------------
+    data = build_data(args, rank=dist.rank, world_size=dist.world_size, device=prec.device)
+    steps_per_epoch = len(data.train_loader)
+    if args.plot_lr:
+        plot_lr(args, steps_per_epoch, args.output_dir, lr=scaled_lr(args, dist.world_size))
+        return None
+    if args.preview_aug:
+        from utils.preview import save_aug_preview
+        path = os.path.join(args.output_dir, "aug_preview.png")
+        images = data.train_images[:64] if data.train_images is not None else next(iter(data.train_loader))[0]
+        save_aug_preview(images, data.train_labels[:64], data.class_names, build_batch_augment(args, data.in_chans),
+                         build_mixer(args, data.num_classes), path)
+        return log.info(f"wrote {path}")
+    if args.eval_only:
+        return eval_only(args, data, prec, dist)
+
+    # ---- model ------------------------------------------------------------------------------
+    mcfg = model_config(args.model, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
+                        args.attention, args.drop_path_rate, args.acb)
+    model = build_model(**{k: v for k, v in mcfg.items() if k != "reparameterized"})
+    params, flops = model_summary(model, data.in_chans, data.img_size)
+    log.info(f"model {args.model}: {params / 1e6:.3f} M params, {flops / 1e6:.1f} MFLOPs per image")
+    model.to(prec.device)
+    if args.init == "lsuv":
+        x0, _ = next(iter(data.train_loader))
+        lsuv_init(model, x0.float().div(255), args.lsuv_tol, args.lsuv_max_iter)
+    elif args.init != "default":
+        init_weights(model, args.init, args.init_mode, args.init_nonlinearity)
+    if args.zero_init_residual:
+        log.info(f"zero-init residual: {zero_init_residual(model)} blocks")  # after LSUV, which resets norms
+    if prec.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    # ---- optimiser and schedule --------------------------------------------------------------
+    lr = scaled_lr(args, dist.world_size)
+    if lr != args.lr:
+        log.info(f"linear scaling rule: lr {args.lr} x {args.batch_size * dist.world_size}/{args.lr_base_batch}"
+                 f" = {lr:.5g}")
+    optimizer = build_optimizer(model, args, lr)
+    sched = build_scheduler(optimizer, args, steps_per_epoch)
+    scaler = prec.scaler()
+    class_weights = (inverse_frequency_weights(data.train_labels, data.num_classes).to(prec.device)
+                     if args.class_weights == "auto" else None)
+    criterion = make_criterion(args.label_smoothing, class_weights)
+    attack_loss = criterion
+
+    # ---- tricks: each is an object or None ---------------------------------------------------
+    ema = ModelEMA(model, args.ema_decay, args.ema_warmup) if args.ema else None  # before DDP/compile
+    swa = SWA(model, optimizer, args.swa_start, args.swa_lr, args.swa_anneal_epochs) if args.swa else None
+    mix = build_mixer(args, data.num_classes)
+    for line in describe_aug(args):
+        log.info(f"aug: {line}")
+    attack = build_attack(args)
+    awp = AWP(model, args.awp_gamma) if args.adv == "awp" else None
+    teacher, extra_summary = None, {}
+    if build_loss is not None:
+        criterion, teacher, extra_summary = build_loss(args, data, prec, criterion)
+
+    # ---- resume ------------------------------------------------------------------------------
+    start_epoch, best_acc, history, train_seconds = 0, 0.0, [], 0.0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["model_config"] != mcfg:
+            raise UserError(f"{args.resume} was trained with model settings {ckpt['model_config']['name']}/"
+                            f"{ckpt['model_config']['num_classes']} classes that differ from these flags; "
+                            f"resume with the run's own config.yaml (--config) or start a new run")
+        load_state(model, ckpt["model"], f"{args.resume}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
+        if swa is not None and ckpt.get("swa"):
+            swa.load_state_dict(ckpt["swa"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, best_acc = ckpt["epoch"], ckpt["best_val_acc"]
+        history, train_seconds = ckpt["metrics"]["history"], ckpt["metrics"]["train_seconds"]
+        log.info(f"resumed from {args.resume} at epoch {start_epoch}")
+
+    # ---- wrappers: DDP and compile see the model; EMA/checkpoints keep the unwrapped one --------
+    train_model = model
+    if dist.enabled:
+        if args.sync_bn:
+            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[prec.device.index] if prec.device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    if dist.is_main:
+        config.save_config(args, os.path.join(args.output_dir, "config.yaml"))
+
+    # ---- the loop ----------------------------------------------------------------------------
+    progress = dist.is_main and not args.no_progress and os.isatty(1)
+    adv_eval = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
+    for epoch in range(start_epoch, args.epochs):
+        data.train_loader.set_epoch(epoch)
+        swa_on = swa is not None and swa.active(epoch)
+        stats = train_one_epoch(
+            train_model, data.train_loader, optimizer, sched, criterion, scaler, prec, epoch,
+            mix=None if args.mix_off_epoch and epoch + 1 >= args.mix_off_epoch else mix,  # epochs count from 1
+            attack=attack, attack_loss=attack_loss,
+            awp=awp if awp is not None and epoch >= args.awp_start_epoch else None,
+            ema=ema, unwrapped=model, step_sched=not swa_on, clip_grad=args.clip_grad,
+            teacher=teacher, progress=progress)
+        train_seconds += stats["epoch_seconds"]
+        val = evaluate(model, data.val_loader, prec, tta=args.tta, **adv_eval)
+        row = {"epoch": epoch + 1, **stats, "val_loss": val["loss"], "val_acc": val["acc"], "val_acc5": val["acc5"],
+               "lr": optimizer.param_groups[0]["lr"]}
+        if "robust_acc" in val:
+            row["robust_val_acc"] = val["robust_acc"]
+        if ema is not None:
+            val_ema = evaluate(ema.module, data.val_loader, prec, tta=args.tta)
+            row.update(val_loss_ema=val_ema["loss"], val_acc_ema=val_ema["acc"])
+        if not swa_on:
+            sched.step_epoch(val["acc"])  # only plateau acts on it
+        else:
+            swa.step_epoch(model, epoch)
+        history.append(row)
+        log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if dist.is_main:
+            best = val["acc"] > best_acc
+            best_acc = max(best_acc, val["acc"])
+            ckpt = {"model": model.state_dict(), "model_config": mcfg, "class_names": data.class_names,
+                    "args": vars(args), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "swa": swa.state_dict() if swa is not None else None, "epoch": epoch + 1,
+                    "rng": get_rng_state(), "best_val_acc": best_acc,
+                    "metrics": {"history": history, "train_seconds": train_seconds}}
+            save_checkpoint(ckpt, os.path.join(args.output_dir, "last.pt"))
+            if best:
+                save_checkpoint(ckpt, os.path.join(args.output_dir, "best.pt"))
+            write_metrics_csv(os.path.join(args.output_dir, "metrics.csv"), history)
+            plot_curves(os.path.join(args.output_dir, "curves.png"), history)
+
+    # ---- end of training: SWA batch-norm update, test split, summary --------------------------
+    final = history[-1]
+    summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name,
+               "epochs": args.epochs, "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
+               "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
+               "images_per_second": sum(r["images_per_second"] for r in history) / len(history),
+               "params": params, "flops": flops, **extra_summary}
+    if ema is not None:
+        summary.update(final_val_acc_ema=final["val_acc_ema"], best_val_acc_ema=max(r["val_acc_ema"] for r in history))
+    if "robust_val_acc" in final:
+        summary["robust_val_acc"] = final["robust_val_acc"]
+    if swa is not None:
+        swa.finalize(data.train_loader, prec.device)
+        summary["swa_val_acc"] = evaluate(swa.module, data.val_loader, prec, tta=args.tta)["acc"]
+        if dist.is_main:
+            save_checkpoint({"model": swa.module.state_dict(), "model_config": mcfg, "class_names": data.class_names,
+                             "args": vars(args), "epoch": args.epochs}, os.path.join(args.output_dir, "swa.pt"))
+    if data.test_loader is not None:
+        summary["test_acc"] = evaluate(model, data.test_loader, prec, tta=args.tta)["acc"]
+        if ema is not None:
+            summary["test_acc_ema"] = evaluate(ema.module, data.test_loader, prec, tta=args.tta)["acc"]
+    elif data.val_name == "test":
+        summary["test_acc"] = final["val_acc"]  # the validation split is the official test split
+        if ema is not None:
+            summary["test_acc_ema"] = final["val_acc_ema"]
+    if dist.is_main:
+        write_json(os.path.join(args.output_dir, "summary.json"), summary)
+        log.info(f"done: final {data.val_name} acc {final['val_acc']:.4f}, best {best_acc:.4f}, "
+                 f"{train_seconds:.0f} s training -> {args.output_dir}")
+    dist_utils.cleanup()
+    return summary
+
+
+def eval_only(args, data, prec, dist):
+    """--eval_only --ckpt PATH: evaluate a train-form, averaged, SWA or deploy checkpoint."""
+    model, ckpt = load_model(args.ckpt, use_ema=args.use_ema)
+    if ckpt["model_config"]["num_classes"] != data.num_classes:
+        raise UserError(f"{args.ckpt} predicts {ckpt['model_config']['num_classes']} classes but the data has "
+                        f"{data.num_classes}; evaluate it on the dataset it was trained on")
+    model.to(prec.device)
+    adv = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
+    res = evaluate(model, data.val_loader, prec, tta=args.tta, **adv)
+    summary = {"ckpt": args.ckpt, "val_split": data.val_name, "val_acc": res["acc"], "val_acc5": res["acc5"],
+               "val_loss": res["loss"], **({"robust_val_acc": res["robust_acc"]} if "robust_acc" in res else {})}
+    if data.test_loader is not None:
+        summary["test_acc"] = evaluate(model, data.test_loader, prec, tta=args.tta)["acc"]
+    if dist.is_main:
+        write_json(os.path.join(args.output_dir, "eval_summary.json"), summary)
+        log.info(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(config.parse_args()))

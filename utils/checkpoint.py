@@ -1,0 +1,82 @@
+"""Checkpoints as plain dicts of unwrapped modules: written atomically, read with weights_only=True.
+
+A crash (or SIGKILL) while saving leaves the previous file intact: we write `<path>.tmp` and rename.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same directory, then atomically rename over `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by this repository; a missing, truncated or foreign file is a UserError."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of arbitrary objects, text file, ...
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({reason}); "
+                        f"it may be truncated or not written by train.py")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this repository (no 'model'/'model_config' keys)")
+    return ckpt
+
+
+def load_state(module, state_dict, what):
+    """load_state_dict that turns key/shape mismatches into a one-line UserError."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3])[:300]
+        raise UserError(f"{what} does not match the model ({detail}); "
+                        f"use a checkpoint of the same --model and settings")
+
+
+def load_model(path_or_ckpt, use_ema=False):
+    """Rebuild the model a checkpoint describes and load its weights (EMA weights with use_ema)."""
+    from models import model_from_config  # local: models imports utils
+    ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+    model = model_from_config(ckpt["model_config"])
+    if use_ema:
+        if not ckpt.get("ema"):
+            raise UserError("--use_ema: this checkpoint holds no EMA weights; train with --ema or drop --use_ema")
+        state = ckpt["ema"]["module"]
+    else:
+        state = ckpt["model"]
+    load_state(model, state, "checkpoint weights")
+    return model, ckpt
+
+
+def get_rng_state():
+    """Every RNG a run draws from, as tensors and plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,101 @@
+"""Small run-level helpers: seeding, device and precision choice, batch conversion, accuracy."""
+import logging
+import os
+import random
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_device(device, cuda_flag, gpus=None, local_rank=0):
+    """--device auto|cpu|cuda|cuda:N, --cuda (prefer CUDA, fall back with one warning), --gpus 0,1."""
+    if gpus:
+        # Must happen before anything initialises CUDA, which is why it lives here and not later.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    available = torch.cuda.is_available()
+    if cuda_flag and device in ("auto", "cpu"):
+        if not available:
+            warnings.warn("--cuda given but CUDA is not available; running on CPU")
+            return torch.device("cpu")
+        device = "cuda"
+    if device == "auto":
+        device = "cuda" if available else "cpu"
+    if device.startswith("cuda"):
+        if not available:
+            raise UserError(f"--device {device} but CUDA is not available here; use --device cpu "
+                            f"(or --cuda to fall back automatically)")
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+        index = int(device.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {device} but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device != "cpu":
+        raise UserError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
+    return torch.device(device)
+
+
+@dataclass
+class Precision:
+    """Autocast and GradScaler chosen once; both are no-ops when AMP is off (one code path)."""
+    device: torch.device
+    dtype: torch.dtype
+    enabled: bool
+    channels_last: bool
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.enabled)
+
+    def scaler(self):
+        # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
+        return torch.amp.GradScaler(self.device.type, enabled=self.enabled and self.dtype == torch.float16)
+
+    def to_input(self, x):
+        """uint8 NCHW batch -> float pixels in [0, 1] on the device (channels_last when asked)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.float().div_(255)
+
+
+def make_precision(device, amp, amp_dtype="auto", channels_last=False):
+    if amp_dtype == "auto":
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.bfloat16
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp_dtype]
+    if amp and device.type == "cpu" and dtype == torch.float16:
+        raise UserError("--amp_dtype fp16 is not supported on CPU; use --amp_dtype bf16 (or auto)")
+    return Precision(device, dtype, bool(amp), bool(channels_last))
+
+
+def accuracy_counts(logits, target, topk=(1, 5)):
+    """Number of samples whose target is among the top-k predictions, for each k.
+
+    `target` may be class indices or soft targets (mixed batches): then the argmax counts.
+    """
+    if target.ndim == 2:
+        target = target.argmax(dim=1)
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target[:, None])
+    return [hit[:, :min(k, maxk)].any(dim=1).sum().item() for k in topk]

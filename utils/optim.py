@@ -1,0 +1,45 @@
+"""Optimiser by name (SGD with momentum/Nesterov, Adam, AdamW), no bias decay, and the linear scaling rule.
+No bias decay: biases and norm parameters (ndim <= 1) get weight_decay 0 (Bag of Tricks, He et al. 2019).
+Linear scaling rule: lr proportional to the global batch size (Goyal et al. 2017).
+For adam/adamw, --momentum is beta1 (0.9, Adam's default); --nesterov applies to SGD only.
+"""
+import torch
+
+from utils.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def param_groups_no_bias_decay(model, weight_decay):
+    """Two param groups: weights (ndim > 1) with `weight_decay`, biases and norm parameters (ndim <= 1) with 0."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, args, lr):
+    """--opt over the model's trainable parameters with peak learning rate `lr` (see `scaled_lr`)."""
+    if args.no_bias_decay:
+        params = param_groups_no_bias_decay(model, args.weight_decay)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    if args.opt == "sgd":
+        if args.nesterov and args.momentum <= 0:
+            raise UserError("Nesterov SGD needs --momentum > 0; pass a momentum or --no-nesterov")
+        return torch.optim.SGD(params, lr=lr, momentum=args.momentum, nesterov=args.nesterov,
+                               weight_decay=args.weight_decay)
+    if args.opt in ("adam", "adamw"):
+        cls = torch.optim.Adam if args.opt == "adam" else torch.optim.AdamW  # Adam: L2; AdamW: decoupled
+        return cls(params, lr=lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
+    raise UserError(f"unknown --opt {args.opt!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def scaled_lr(args, world_size):
+    """Linear scaling rule: lr * (batch_size * world_size) / lr_base_batch; args.lr when --lr_base_batch is 0."""
+    if args.lr_base_batch < 0:
+        raise UserError(f"--lr_base_batch {args.lr_base_batch} must be >= 0 (0 = no scaling)")
+    if args.lr_base_batch == 0:
+        return args.lr
+    return args.lr * args.batch_size * world_size / args.lr_base_batch

@@ -1,0 +1,88 @@
+"""The run directory and what goes in it: metrics.csv, curves.png, summary.json, config.yaml.
+
+Files are replaced atomically (write a temporary file, then rename) so a killed run never leaves a
+half-written output behind.
+"""
+import csv
+import glob
+import json
+import os
+import time
+
+from utils.errors import UserError
+
+
+def prepare_output_dir(output_dir, model, dataset, resume=None, overwrite=False):
+    """Pick (or check) the run directory; never silently overwrite a directory holding checkpoints."""
+    if output_dir is None:
+        if resume:
+            output_dir = os.path.dirname(os.path.abspath(resume))
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            output_dir = base = os.path.join("runs", f"{model}-{dataset}-{stamp}")
+            n = 1
+            while os.path.exists(output_dir):
+                n += 1
+                output_dir = f"{base}-{n}"
+    if os.path.isdir(output_dir) and glob.glob(os.path.join(output_dir, "*.pt")) and not (resume or overwrite):
+        raise UserError(f"{output_dir} already holds checkpoints; pass --resume {output_dir}/last.pt to "
+                        f"continue, --overwrite to replace them, or another --output_dir")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output dir {output_dir} ({e.strerror}); choose a writable --output_dir")
+    return output_dir
+
+
+def _atomic_write(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    _atomic_write(path, lambda f: json.dump(obj, f, indent=2))
+
+
+def write_metrics_csv(path, history):
+    """Rewrite metrics.csv from the in-memory history (so a resumed run never duplicates rows)."""
+    fields = []
+    for row in history:
+        fields += [k for k in row if k not in fields]
+
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(history)
+    _atomic_write(path, write)
+
+
+def plot_curves(path, history):
+    """curves.png: loss, accuracy and learning rate by epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for key in ("train_loss", "val_loss", "val_loss_ema"):
+        if key in history[-1]:
+            axes[0].plot(ep, [r.get(key) for r in history], label=key)
+    for key in ("train_acc", "val_acc", "val_acc_ema", "robust_val_acc"):
+        if key in history[-1]:
+            axes[1].plot(ep, [r.get(key) for r in history], label=key)
+    axes[2].plot(ep, [r["lr"] for r in history], label="lr (end of epoch)")
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
