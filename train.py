@@ -206,7 +206,9 @@ def main(args, build_loss=None):
                          build_mixer(args, data.num_classes), path)
         return log.info(f"wrote {path}")
     if args.eval_only:
-        return eval_only(args, data, prec, dist)
+        summary = eval_only(args, data, prec, dist)
+        dist_utils.cleanup()
+        return summary
 
     # ---- model ------------------------------------------------------------------------------
     mcfg = model_config(args.model, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
@@ -224,6 +226,7 @@ def main(args, build_loss=None):
         log.info(f"zero-init residual: {zero_init_residual(model)} blocks")  # after LSUV, which resets norms
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
+    dist_utils.broadcast_module(model)  # ranks seed differently: all start (and EMA/SWA copy) rank 0's init
 
     # ---- optimiser and schedule --------------------------------------------------------------
     lr = scaled_lr(args, dist.world_size)
@@ -266,13 +269,20 @@ def main(args, build_loss=None):
             ema.load_state_dict(ckpt["ema"])
         if swa is not None and ckpt.get("swa"):
             swa.load_state_dict(ckpt["swa"])
-        set_rng_state(ckpt["rng"])
+        rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        if len(rng) == dist.world_size:
+            set_rng_state(rng[dist.rank])  # each rank continues its own augmentation stream
+        else:
+            log.warning(f"{args.resume} was saved by {len(rng)} process(es), this run has {dist.world_size}: "
+                        f"random augmentation streams restart from --seed")
         start_epoch, best_acc = ckpt["epoch"], ckpt["best_val_acc"]
         history, train_seconds = ckpt["metrics"]["history"], ckpt["metrics"]["train_seconds"]
         log.info(f"resumed from {args.resume} at epoch {start_epoch}")
 
     # ---- wrappers: DDP and compile see the model; EMA/checkpoints keep the unwrapped one --------
     train_model = model
+    if args.sync_bn and not dist.enabled:
+        log.warning("--sync_bn has no effect in a single process; it applies under torchrun")
     if dist.enabled:
         if args.sync_bn:
             train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
@@ -311,6 +321,7 @@ def main(args, build_loss=None):
             swa.step_epoch(model, epoch)
         history.append(row)
         log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        rng = dist_utils.all_gather_object(get_rng_state())  # a collective: every rank, outside the rank-0 block
         if dist.is_main:
             best = val["acc"] > best_acc
             best_acc = max(best_acc, val["acc"])
@@ -318,7 +329,7 @@ def main(args, build_loss=None):
                     "args": vars(args), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                     "swa": swa.state_dict() if swa is not None else None, "epoch": epoch + 1,
-                    "rng": get_rng_state(), "best_val_acc": best_acc,
+                    "rng": rng[0], "rng_ranks": rng if dist.enabled else None, "best_val_acc": best_acc,
                     "metrics": {"history": history, "train_seconds": train_seconds}}
             save_checkpoint(ckpt, os.path.join(args.output_dir, "last.pt"))
             if best:
@@ -339,6 +350,7 @@ def main(args, build_loss=None):
         summary["robust_val_acc"] = final["robust_val_acc"]
     if swa is not None:
         swa.finalize(data.train_loader, prec.device)
+        dist_utils.average_buffers(swa.module)  # each rank re-estimated BatchNorm on its own shard
         summary["swa_val_acc"] = evaluate(swa.module, data.val_loader, prec, tta=args.tta)["acc"]
         if dist.is_main:
             save_checkpoint({"model": swa.module.state_dict(), "model_config": mcfg, "class_names": data.class_names,

@@ -1,8 +1,10 @@
 """torchrun support: process-group setup, rank helpers and exact metric reduction.
 
 Run `torchrun --nproc_per_node N train.py ...`; torchrun sets RANK, WORLD_SIZE and LOCAL_RANK.
-CPU uses the gloo backend, CUDA uses nccl.
+CPU uses the gloo backend, CUDA uses nccl. Every helper is a no-op (or returns its input) when
+the script runs as one plain process.
 """
+import io
 import os
 from dataclasses import dataclass
 
@@ -38,19 +40,75 @@ def init_distributed(use_cuda):
     return info
 
 
+def _active():
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_sum(values, device):
     """Sum a list of numbers over all processes (float64, so counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.all_reduce(t)
     return t.tolist()
 
 
+@torch.no_grad()
+def broadcast_module(module, src=0):
+    """Give every process rank `src`'s parameters and buffers, in place.
+
+    Ranks seed their RNGs differently (their augmentation streams), so freshly initialised weights
+    differ. DDP broadcasts rank 0's weights when it wraps the model, but EMA/SWA copies taken before
+    that would keep each rank's own initialisation: call this before building them.
+    """
+    if not _active():
+        return
+    for t in module.state_dict().values():
+        buf = t if t.is_contiguous() else t.contiguous()  # channels_last weights: send a dense copy
+        dist.broadcast(buf, src)
+        if buf is not t:
+            t.copy_(buf)
+
+
+@torch.no_grad()
+def average_buffers(module):
+    """Average the floating-point buffers (BatchNorm running statistics) over processes, in place.
+
+    After a BatchNorm re-estimation (SWA) each rank holds statistics of its own shard. They are
+    cumulative averages over equally many batches per rank (the sharded loader guarantees equal
+    counts), so their mean is the average over every rank's batches. Integer buffers are kept.
+    """
+    if not _active():
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            buf = b if b.is_contiguous() else b.contiguous()
+            dist.all_reduce(buf)
+            buf.div_(dist.get_world_size())
+            if buf is not b:
+                b.copy_(buf)
+
+
+def all_gather_object(obj):
+    """[rank 0's obj, rank 1's obj, ...] on every process; [obj] when plain.
+
+    `obj` holds what a checkpoint may (tensors, numbers, strings, lists, tuples, dicts). It travels as
+    torch.save bytes and is read back with weights_only=True: torch's own pickling of tensors inside
+    all_gather_object fails to load in torch 2.14 (UntypedStorage has no attribute 'dtype').
+    """
+    if not _active():
+        return [obj]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True) for b in out]
+
+
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
 
 
 def cleanup():
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.destroy_process_group()
