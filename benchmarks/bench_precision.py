@@ -1,0 +1,147 @@
+"""CPU speed defaults by measurement: fp32 / bf16 autocast x NCHW / channels_last, torch.compile, thread count.
+
+train.py's `train_one_epoch` on fixed pre-gathered batches (as bench_loop.py); every variant at every --threads
+setting, alternating round by round in one process; compile time reported apart. bf16 pays only with AMX
+(amx_bf16), so the CPU's bf16 flags go in the JSON. Quiet 2-core machine: ~5-7 min (~3 of it compiling on a
+cold Inductor cache, far less warm); --quick (resnet8, 2 steps, 1 round): ~1-2 min cold, seconds with --no-compile.
+    python benchmarks/bench_precision.py
+    python benchmarks/bench_precision.py --quick
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import config  # noqa: E402
+import train  # noqa: E402
+from datasets import build_data  # noqa: E402
+from models import build_model  # noqa: E402
+from utils.misc import make_precision  # noqa: E402
+from utils.optim import build_optimizer  # noqa: E402
+from utils.scheduler import build_scheduler  # noqa: E402
+
+# name -> (amp, channels_last, compile, the train.py flags that select it)
+VARIANTS = {
+    "fp32 NCHW": (False, False, False, "--no-channels_last"),
+    "fp32 channels_last": (False, True, False, "(default)"),
+    "bf16 NCHW": (True, False, False, "--amp --no-channels_last"),
+    "bf16 channels_last": (True, True, False, "--amp"),
+    "compile fp32 channels_last": (False, True, True, "--compile"),
+}
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_info():
+    """CPU model name and the bf16-relevant flags, as lscpu shows them (read from /proc/cpuinfo)."""
+    flags, name = set(), "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    flags = set(value.split())
+                elif key.strip() == "model name":
+                    name = value.strip()
+    except OSError:
+        pass
+    return {"model_name": name, "flags": {k: k in flags for k in CPU_FLAGS},
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet8,resnet20", help="comma list of registry names")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed run")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--threads", default="1,2", help="comma list of torch.set_num_threads settings")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the torch.compile variant (compiled once per model and thread setting)")
+    p.add_argument("--quick", action="store_true", help="smoke run: resnet8, 2 steps, 1 round")
+    p.add_argument("--out", default="bench_out/precision.json")
+    b = p.parse_args()
+    if b.quick:
+        b.models, b.steps, b.rounds = "resnet8", 2, 1
+    threads = [int(t) for t in b.threads.split(",")]
+    variants = {k: v for k, v in VARIANTS.items() if b.compile or not v[2]}
+
+    args = config.parse_args(["--batch_size", str(b.batch_size), "--device", "cpu",
+                              "--train_subset", str(b.batch_size * b.steps), "--no_progress"])
+    data = build_data(args)
+    batches = [(x.clone(), y.clone()) for x, y in data.train_loader][: b.steps]
+
+    def make_run(model_name, amp, channels_last, compiled):
+        torch.manual_seed(0)
+        prec = make_precision(torch.device("cpu"), amp, "bf16", channels_last)
+        m = build_model(model_name, data.num_classes, data.in_chans, data.img_size, data.mean, data.std)
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+        # Inductor's CPU kernels bake in torch.get_num_threads() at compile time, so each thread setting
+        # gets its own compiled model, compiled (on its warm-up pass) while that setting is active.
+        step_model = torch.compile(m) if compiled else m
+        opt = build_optimizer(m, args, args.lr)
+        sched, scaler = build_scheduler(opt, args, len(batches)), prec.scaler()
+        return lambda: train.train_one_epoch(step_model, batches, opt, sched, train.make_criterion(), scaler,
+                                             prec, 0, unwrapped=m)
+
+    rows, compile_seconds = [], {}
+    for model_name in b.models.split(","):
+        runs = {(name, t): make_run(model_name, *v[:3]) for t in threads for name, v in variants.items()}
+        first = {}
+        for (name, t), run in runs.items():  # warm-up (and compile): oneDNN primitives, Inductor kernels
+            torch.set_num_threads(t)
+            t0 = time.perf_counter()
+            run()
+            first[(name, t)] = time.perf_counter() - t0
+            if variants[name][2]:
+                run()  # a second pass in case the first one's graphs get recompiled
+        times = {key: [] for key in runs}
+        for _ in range(b.rounds):
+            for (name, t), run in runs.items():
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                run()
+                times[(name, t)].append(time.perf_counter() - t0)
+        for (name, t), ts in times.items():
+            med = statistics.median(ts)
+            if variants[name][2]:
+                compile_seconds[f"{model_name}, threads={t}"] = first[(name, t)] - med
+            rows.append({"model": model_name, "variant": name, "threads": t,
+                         "images_per_second": b.steps * b.batch_size / med, "step_ms": 1000 * med / b.steps,
+                         "train_py_flags": f"{variants[name][3]} --threads {t}".replace("(default) ", "")})
+
+    fastest = {}
+    print("| model | variant | threads | img/s | ms/step | vs fp32 NCHW | train.py flags |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(q for q in rows if q["model"] == r["model"] and q["threads"] == r["threads"]
+                    and q["variant"] == "fp32 NCHW")
+        r["speedup_vs_fp32_nchw"] = r["images_per_second"] / base["images_per_second"]
+        print(f"| {r['model']} | {r['variant']} | {r['threads']} | {r['images_per_second']:.0f} | "
+              f"{r['step_ms']:.1f} | {r['speedup_vs_fp32_nchw']:.2f}x | {r['train_py_flags']} |")
+        if r["images_per_second"] > fastest.get(r["model"], {"images_per_second": 0})["images_per_second"]:
+            fastest[r["model"]] = r
+    print()
+    for key, s in compile_seconds.items():
+        print(f"compile, one-off (first pass minus a steady pass), {key}: {s:.1f} s")
+    once = {m: ", plus {:.0f} s compiling once".format(compile_seconds[f"{m}, threads={r['threads']}"])
+            for m, r in fastest.items() if variants[r["variant"]][2]}
+    print("fastest: " + "; ".join(f"{m}: {r['variant']}, threads={r['threads']}, {r['images_per_second']:.0f} img/s "
+                                    f"({r['train_py_flags']}{once.get(m, '')})" for m, r in fastest.items()))
+    result = {"cpu": cpu_info(), "torch": torch.__version__, "batch_size": b.batch_size, "steps": b.steps,
+              "rounds": b.rounds, "threads": threads, "rows": rows, "compile_seconds": compile_seconds,
+              "fastest": {m: {k: r[k] for k in ("variant", "threads", "images_per_second", "train_py_flags")}
+                          for m, r in fastest.items()}}
+    os.makedirs(os.path.dirname(b.out) or ".", exist_ok=True)
+    with open(b.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
