@@ -352,6 +352,10 @@ def main(args, build_loss=None):
         swa.finalize(data.train_loader, prec.device)
         dist_utils.average_buffers(swa.module)  # each rank re-estimated BatchNorm on its own shard
         summary["swa_val_acc"] = evaluate(swa.module, data.val_loader, prec, tta=args.tta)["acc"]
+        if data.test_loader is not None:
+            summary["test_acc_swa"] = evaluate(swa.module, data.test_loader, prec, tta=args.tta)["acc"]
+        elif data.val_name == "test":
+            summary["test_acc_swa"] = summary["swa_val_acc"]
         if dist.is_main:
             save_checkpoint({"model": swa.module.state_dict(), "model_config": mcfg, "class_names": data.class_names,
                              "args": vars(args), "epoch": args.epochs}, os.path.join(args.output_dir, "swa.pt"))

@@ -1,0 +1,297 @@
+"""ablate.py: the table's means, sample stds (ddof=1), paired Δ and 95% t intervals against a hand computation,
+on fabricated summary.json files and on real runs; a rerun redoes only the run whose summary is missing; a bad
+spec is refused (exit 2) before any run starts; configs/ablation_fmnist.yaml names every trick and validates."""
+import json
+import logging
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import yaml
+from scipy.stats import t as student_t
+
+import ablate
+import config
+from conftest import ROOT, needs_fmnist, run_script
+from utils.errors import UserError
+
+T_975_DF1, T_975_DF2 = 12.706204736174707, 4.302652729911275  # Student t quantiles from a table
+
+
+@pytest.fixture(autouse=True)
+def _keep_root_logging():
+    """ablate.main (like train.main) installs its own root handlers; give pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+
+
+def _write_spec(path, variants, base=None, **extra):
+    spec = {"base": base if base is not None else {"epochs": 1}, "variants": variants, **extra}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def _hand(vals, ref):
+    """mean, sample std, paired Δ and CI half-width, computed with numpy and scipy directly."""
+    v = np.array([vals[s] for s in sorted(vals)])
+    common = sorted(set(vals) & set(ref))
+    d = np.array([vals[s] - ref[s] for s in common])
+    half = student_t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else None
+    return v.mean(), (v.std(ddof=1) if len(v) > 1 else None), d.mean(), half
+
+
+def _row(md, name):
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _fmt_acc(mean, std):
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _fmt_delta(mean, half):
+    return f"{100 * mean:+.2f} ± {100 * half:.2f}"
+
+
+# ---------------------------------------------------------------- maths on fabricated summaries
+
+def test_t_quantile_and_paired_delta_closed_form():
+    assert student_t.ppf(0.975, 1) == pytest.approx(T_975_DF1, abs=1e-9)
+    assert student_t.ppf(0.975, 2) == pytest.approx(T_975_DF2, abs=1e-9)
+    # d = (0.03, 0.00, 0.04): mean 0.07/3, sd = sqrt(sum (d - mean)^2 / 2)
+    mean, half, n = ablate.paired_delta({0: 0.93, 1: 0.92, 2: 0.95}, {0: 0.90, 1: 0.92, 2: 0.91})
+    m = 0.07 / 3
+    sd = math.sqrt(((0.03 - m) ** 2 + m ** 2 + (0.04 - m) ** 2) / 2)
+    assert n == 3 and mean == pytest.approx(m, abs=1e-12)
+    assert half == pytest.approx(T_975_DF2 * sd / math.sqrt(3), abs=1e-10)  # 0.93 - 0.90 is not exactly 0.03
+    # pairing uses common seeds only; one pair has no interval; none has no Δ
+    assert ablate.paired_delta({0: 0.5, 2: 0.7}, {0: 0.4, 1: 0.9, 2: 0.5})[2] == 2
+    assert ablate.paired_delta({1: 0.5}, {1: 0.25, 2: 0.1}) == (0.25, None, 1)
+    assert ablate.paired_delta({}, {0: 0.5}) == (None, None, 0)
+
+
+def test_table_from_fabricated_summaries(tmp_path):
+    """Finished runs (summary.json present) are read, not rerun; every number in the JSON and the Markdown
+    equals the hand computation, including a variant with a missing seed and one whose summary lacks the metric."""
+    out = tmp_path / "abl"
+    accs = {"baseline": {0: 0.9012, 1: 0.9120, 2: 0.9071},
+            "crop": {0: 0.9134, 1: 0.9155, 2: 0.9190},
+            "ema": {0: 0.9040, 2: 0.9101}}  # seed 1 missing -> reported as failed, paired over seeds 0 and 2
+    secs = {"baseline": [10.0, 12.0, 11.0], "crop": [13.0, 13.5, 14.0], "ema": [20.0, 0.0, 22.0]}
+    for name, vals in accs.items():
+        for seed in range(3):
+            d = out / name / f"seed{seed}"
+            d.mkdir(parents=True)
+            s = {"train_seconds": secs[name][seed], "test_acc": 0.5}
+            if seed in vals:
+                s["test_acc_ema" if name == "ema" else "test_acc"] = vals[seed]
+            (d / "summary.json").write_text(json.dumps(s))
+    spec = _write_spec(tmp_path / "spec.yaml", [{"name": "baseline"}, {"name": "crop", "flags": {"crop_padding": 2}},
+                                                {"name": "ema", "flags": {"ema": True}, "metric": "test_acc_ema"}])
+    rc = ablate.main([spec, "--out", str(out)])
+    assert rc == 1  # the missing EMA seed counts as a failed run
+    res = json.loads((out / "ablation.json").read_text())
+    md = (out / "ablation.md").read_text()
+    assert (out / "ablation.png").stat().st_size > 1000
+    rows = {r["name"]: r for r in res["variants"]}
+    assert [f["seed"] for f in res["failed"]] == [1] and "test_acc_ema" in res["failed"][0]["error"]
+    for name in ("crop", "ema"):
+        mean, std, dm, half = _hand(accs[name], accs["baseline"])
+        r = rows[name]
+        assert r["mean"] == pytest.approx(mean, abs=1e-12) and r["std"] == pytest.approx(std, abs=1e-12)
+        assert r["delta"] == pytest.approx(dm, abs=1e-12) and r["ci95"] == pytest.approx(half, abs=1e-12)
+        assert r["n"] == len(accs[name]) and r["n_paired"] == len(accs[name])
+        cells = _row(md, name)
+        assert cells[1] == f"{len(accs[name])}/3" and cells[2] == _fmt_acc(mean, std)
+        assert cells[3] == _fmt_delta(dm, half)
+    # two pairs: sd(d) = |d0 - d1| / sqrt(2), so the half-width is t_{0.975,1} |d0 - d1| / 2
+    assert rows["ema"]["ci95"] == pytest.approx(T_975_DF1 * abs(0.0028 - 0.0030) / 2, abs=1e-12)
+    assert rows["baseline"]["train_seconds"] == pytest.approx(11.0)
+    assert _row(md, "crop")[4] == "13.5" and _row(md, "ema")[4] == "21.0"  # mean over the finished seeds
+    assert _row(md, "ema")[5] == "test_acc_ema" and _row(md, "baseline")[3] == "(reference)"
+
+    # cumulative: a second column pairs each row with the one before it
+    spec_c = _write_spec(tmp_path / "spec_c.yaml", [{"name": "baseline"}, {"name": "crop"}], cumulative=True)
+    rc = ablate.main([spec_c, "--out", str(out)])
+    res = json.loads((out / "ablation.json").read_text())
+    _, _, dm, half = _hand(accs["crop"], accs["baseline"])
+    assert rc == 0 and res["variants"][1]["delta_prev"] == pytest.approx(dm, abs=1e-12)
+    assert _row((out / "ablation.md").read_text(), "crop")[4] == _fmt_delta(dm, half)
+
+
+# ---------------------------------------------------------------- spec handling
+
+def test_flags_become_train_py_tokens_and_resolve_like_train_py(tmp_path):
+    parser = config.get_parser()
+    flags = {"ema": True, "acb": False, "amp": False, "cutout": [1, 8], "lr": "1e-3", "color_jitter": None}
+    tokens, rest = ablate.cli_tokens(parser, flags)
+    assert tokens == ["--ema", "--no-amp", "--cutout", "1", "8", "--lr", "1e-3"]
+    assert rest == {"acb": False, "color_jitter": None}  # a command line cannot say these
+    base = {"acb": True, "color_jitter": [0.1, 0.1, 0, 0], "epochs": 2}
+    ns = ablate.resolve(base, rest, [*tokens, "--seed", "3"], "test")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**base, **rest}))
+    want = config.parse_args(["--config", str(cfg), *tokens, "--seed", "3"])
+    assert vars(ns) == {**vars(want), "config": None}
+    assert ns.acb is False and ns.color_jitter is None and ns.lr == 1e-3 and ns.cutout == [1, 8]
+
+
+def test_cumulative_stacks_flags_and_metric_in_order(tmp_path):
+    spec = ablate.load_spec(_write_spec(tmp_path / "s.yaml", [
+        {"name": "baseline"}, {"name": "+ crop", "flags": {"crop_padding": 2}},
+        {"name": "+ ema", "flags": {"ema": True}, "metric": "test_acc_ema"},
+        {"name": "+ ls", "flags": {"label_smoothing": 0.1}}]))
+    spec["cumulative"] = True
+    variants, runs = ablate.plan(spec, str(tmp_path / "o"), [0, 1], 1, only=["+ ls"])
+    assert [v["name"] for v in variants] == ["baseline", "+ ls"]  # --only keeps the baseline
+    assert variants[1]["flags"] == {"crop_padding": 2, "ema": True, "label_smoothing": 0.1}
+    assert [v["metric"] for v in variants] == ["test_acc", "test_acc_ema"]  # EMA stays on, so it is scored
+    assert len(runs) == 4 and all(r["status"] == "new" for r in runs)
+    cmd = runs[2]["cmd"]
+    assert cmd[cmd.index("--crop_padding") + 1] == "2" and cmd[cmd.index("--seed") + 1] == "0" and "--ema" in cmd
+    assert runs[3]["dir"] == str(tmp_path / "o" / "ls" / "seed1")
+    spec["cumulative"] = False
+    variants, _ = ablate.plan(spec, str(tmp_path / "o"), [0], 1)
+    assert variants[3]["flags"] == {"label_smoothing": 0.1} and variants[3]["metric"] == "test_acc"
+
+
+def test_status_of_existing_run_dirs(tmp_path):
+    """summary.json -> skipped; last.pt -> --resume it; other checkpoints only -> --overwrite; else a new run."""
+    spec = ablate.load_spec(_write_spec(tmp_path / "s.yaml", [{"name": "baseline"}]))
+    out = tmp_path / "o"
+    for seed, files in enumerate([["summary.json", "last.pt"], ["last.pt", "best.pt"], ["best.pt"], ["train.log"]]):
+        d = out / "baseline" / f"seed{seed}"
+        d.mkdir(parents=True)
+        for name in files:
+            (d / name).write_text("{}")
+    _, runs = ablate.plan(spec, str(out), [0, 1, 2, 3, 4], 1)
+    assert [r["status"] for r in runs] == ["done", "resume", "restart", "new", "new"]
+    assert runs[1]["cmd"][-2:] == ["--resume", str(out / "baseline" / "seed1" / "last.pt")]
+    assert runs[2]["cmd"][-1] == "--overwrite" and "--overwrite" not in runs[3]["cmd"] + runs[4]["cmd"]
+
+
+@pytest.mark.parametrize("variants, fragment", [
+    ([{"name": "baseline"}, {"name": "typo", "flags": {"warmup_epoch": 0}}], "did you mean 'warmup_epochs'"),
+    ([{"name": "baseline"}, {"name": "s", "flags": {"seed": 3}}], "ablate.py sets for every run"),
+    ([{"name": "baseline"}, {"name": "a", "flags": {"attention": "foo"}}], "invalid choice"),
+    ([{"name": "baseline"}, {"name": "o", "flags": {"opt": "adamm"}}], "--opt 'adamm' is not one of"),
+    ([{"name": "baseline"}, {"name": "e", "flags": {"epochs": "two"}}], "invalid int value"),
+    ([{"name": "a b"}, {"name": "a+b"}], "share the directory name"),
+    ([], "non-empty list"),
+])
+def test_bad_spec_is_refused_before_anything_runs(tmp_path, variants, fragment):
+    spec = _write_spec(tmp_path / "s.yaml", variants)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        ablate.main([spec, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_spec_exits_2_with_one_line(tmp_path):
+    spec = _write_spec(tmp_path / "s.yaml", [{"name": "baseline"}, {"name": "x", "flags": {"warmup_epoch": 0}}])
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("variants: [ {name: a\n")
+    for args, fragment in (([spec], "unknown flag 'warmup_epoch'"), ([str(bad_yaml)], "not valid YAML"),
+                           ([str(tmp_path / "missing.yaml")], "does not exist")):
+        r = run_script(["ablate.py", *args, "--out", str(tmp_path / "out")])
+        assert r.returncode == 2, r.stderr[-1500:]
+        err = r.stderr.strip().splitlines()
+        assert err[-1].startswith("error:") and fragment in err[-1] and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fmnist_spec_covers_every_trick_and_validates(tmp_path):
+    spec = ablate.load_spec(os.path.join(ROOT, "configs", "ablation_fmnist.yaml"))
+    variants, runs = ablate.plan(spec, str(tmp_path / "o"), ablate.seed_list(spec["seeds"]), 2)  # resolves every run
+    assert len(runs) == 3 * len(variants) and variants[0]["flags"] == {} and not spec["cumulative"]
+    flags = [v["flags"] for v in variants]
+    want = [{"warmup_epochs": 0}, {"label_smoothing": 0.1}, {"no_bias_decay": True}, {"zero_init_residual": True},
+            {"init": "lsuv"}, {"init": "kaiming_normal", "init_mode": "fan_out"}, {"scheduler": "onecycle"},
+            {"ema": True}, {"swa": True}, {"crop_padding": 2, "hflip": 0.5}, {"random_erasing": 0.5},
+            {"cutout": [1, 8]}, {"mixup_alpha": 0.2}, {"cutmix_alpha": 1.0}, {"mosaic": 0.5},
+            {"attention": "se"}, {"attention": "cbam"}, {"attention": "eca"}, {"attention": "ca"},
+            {"drop_path_rate": 0.1}, {"acb": True}, {"tta": True}, {"adv": "fgsm", "adv_eps": 0.03},
+            {"opt": "adam"}, {"opt": "adamw"}, {"clip_grad": 2.0}, {"amp": True, "amp_dtype": "bf16"}]
+    for w in want:
+        assert any(all(f.get(k) == x for k, x in w.items()) for f in flags), w
+    onecycle = next(f for f in flags if f.get("scheduler") == "onecycle")
+    assert onecycle["warmup_epochs"] == 0
+    metric = {v["name"]: v["metric"] for v in variants}
+    assert metric["EMA 0.995"] == "test_acc_ema" and metric["SWA (last 2 epochs)"] == "swa_val_acc"
+
+
+# ---------------------------------------------------------------- real runs
+
+TINY = {"train_subset": 128, "eval_subset": 64, "epochs": 1, "model": "mlp_student", "batch_size": 64,
+        "amp": False, "warmup_epochs": 0, "device": "cpu", "no_progress": True}
+
+
+@needs_fmnist
+def test_real_runs_table_rerun_and_failure(tmp_path):
+    out = tmp_path / "abl"
+    variants = [{"name": "baseline"}, {"name": "+ lr 0.05", "flags": {"lr": 0.05, "hflip": 0.5}}]
+    spec = _write_spec(tmp_path / "s.yaml", variants, base=TINY)
+    r = run_script(["ablate.py", spec, "--seeds", "2", "--jobs", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    summaries = {(v, s): json.loads((out / v / f"seed{s}" / "summary.json").read_text())
+                 for v in ("baseline", "lr_0_05") for s in (0, 1)}
+    cfg = yaml.safe_load((out / "lr_0_05" / "seed1" / "config.yaml").read_text())
+    assert cfg["seed"] == 1 and cfg["lr"] == 0.05 and cfg["hflip"] == 0.5 and cfg["model"] == "mlp_student"
+    assert cfg["threads"] == 1  # 2 jobs on 2 cores
+    base = {s: summaries["baseline", s]["test_acc"] for s in (0, 1)}
+    var = {s: summaries["lr_0_05", s]["test_acc"] for s in (0, 1)}
+    res = json.loads((out / "ablation.json").read_text())
+    md = (out / "ablation.md").read_text()
+    assert md in r.stdout  # the table is printed too
+    b_mean, b_std, _, _ = _hand(base, base)
+    mean, std, dm, half = _hand(var, base)
+    assert half == pytest.approx(T_975_DF1 * abs((var[0] - base[0]) - (var[1] - base[1])) / 2, abs=1e-12)
+    rows = res["variants"]
+    assert rows[0]["mean"] == pytest.approx(b_mean, abs=1e-12) and rows[0]["std"] == pytest.approx(b_std, abs=1e-12)
+    assert rows[1]["mean"] == pytest.approx(mean, abs=1e-12) and rows[1]["std"] == pytest.approx(std, abs=1e-12)
+    assert rows[1]["delta"] == pytest.approx(dm, abs=1e-12) and rows[1]["ci95"] == pytest.approx(half, abs=1e-12)
+    assert _row(md, "baseline")[2] == _fmt_acc(b_mean, b_std)
+    assert _row(md, "+ lr 0.05")[2:4] == [_fmt_acc(mean, std), _fmt_delta(dm, half)]
+    secs = np.mean([summaries["lr_0_05", s]["train_seconds"] for s in (0, 1)])
+    assert rows[1]["train_seconds"] == pytest.approx(secs, abs=1e-9)
+
+    # interrupted ablation: one summary gone (its checkpoint stays) -> only that run is redone, by --resume
+    gone = out / "lr_0_05" / "seed1" / "summary.json"
+    gone.unlink()
+    others = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")}
+    assert len(others) == 3
+    assert ablate.main([spec, "--seeds", "2", "--out", str(out)]) == 0  # in-process: saves an interpreter start
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+    assert json.loads(gone.read_text())["test_acc"] == var[1]  # same weights, same evaluation
+    log = (out / "ablate.log").read_text()  # both calls, appended
+    assert "0 done, 4 to run" in log and "3 done, 1 to run" in log and log.count("resume: + lr 0.05 seed 1") == 1
+    assert json.loads((out / "ablation.json").read_text())["variants"] == rows
+    assert "--resume" in (out / "lr_0_05" / "seed1" / "ablate_stdout.log").read_text()
+
+    # a finished run trained with other flags than the spec now gives is refused, nothing runs
+    changed = _write_spec(tmp_path / "c.yaml", [{"name": "baseline"}, {"name": "+ lr 0.05", "flags": {"lr": 0.1}}],
+                          base=TINY)
+    with pytest.raises(UserError, match="was trained with lr=0.05"):
+        ablate.main([changed, "--seeds", "2", "--out", str(out)])
+
+    # a failing variant is reported in the table (0/1 seeds) and the exit code, not a crash; --only skips
+    # the other finished variant and the baseline is read, not rerun
+    broken = _write_spec(tmp_path / "b.yaml", [*variants, {"name": "broken", "flags": {"swa": True, "swa_start": 5}}],
+                         base=TINY)
+    assert ablate.main([broken, "--seeds", "1", "--out", str(out), "--only", "broken"]) == 1
+    md = (out / "ablation.md").read_text()
+    assert _row(md, "broken")[1:3] == ["0/1", "—"] and _row(md, "baseline")[1:3] == ["1/1", f"{100 * base[0]:.2f}"]
+    assert [r["name"] for r in json.loads((out / "ablation.json").read_text())["variants"]] == ["baseline", "broken"]
+    assert "broken seed 0: error: --swa_start 5 must be below --epochs 1" in md
+    assert {p: p.stat().st_mtime_ns for p in others} == others
