@@ -31,8 +31,10 @@ from utils.misc import accuracy_counts, make_precision, resolve_device, seed_eve
 from utils.mix import build_mixer
 from utils.optim import build_optimizer, scaled_lr
 from utils.outputs import plot_curves, prepare_output_dir, write_json, write_metrics_csv
+from utils.report import loader_image_getter, write_eval_report
 from utils.scheduler import build_scheduler, plot_lr
 from utils.swa import SWA
+from utils.tb import log_epoch, log_images, make_tb_writer
 
 log = logging.getLogger("train")
 
@@ -292,9 +294,14 @@ def main(args, build_loss=None):
         train_model = torch.compile(train_model)
     if dist.is_main:
         config.save_config(args, os.path.join(args.output_dir, "config.yaml"))
+    tb = make_tb_writer(args.output_dir, args.tensorboard and dist.is_main)  # None when off
+    if tb is not None:  # un-augmented training images; draws from no RNG (resume stays exact)
+        first = torch.arange(min(16, len(data.train_labels)))
+        log_images(tb, "train/images", loader_image_getter(data.train_loader)(first), 0)
 
     # ---- the loop ----------------------------------------------------------------------------
     progress = dist.is_main and not args.no_progress and os.isatty(1)
+    val = {}
     adv_eval = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
     for epoch in range(start_epoch, args.epochs):
         data.train_loader.set_epoch(epoch)
@@ -307,7 +314,8 @@ def main(args, build_loss=None):
             ema=ema, unwrapped=model, step_sched=not swa_on, clip_grad=args.clip_grad,
             teacher=teacher, progress=progress)
         train_seconds += stats["epoch_seconds"]
-        val = evaluate(model, data.val_loader, prec, tta=args.tta, **adv_eval)
+        report = epoch + 1 == args.epochs and not dist.enabled  # per-sample outputs for eval_report.md
+        val = evaluate(model, data.val_loader, prec, tta=args.tta, collect=report, **adv_eval)
         row = {"epoch": epoch + 1, **stats, "val_loss": val["loss"], "val_acc": val["acc"], "val_acc5": val["acc5"],
                "lr": optimizer.param_groups[0]["lr"]}
         if "robust_acc" in val:
@@ -320,6 +328,7 @@ def main(args, build_loss=None):
         else:
             swa.step_epoch(model, epoch)
         history.append(row)
+        log_epoch(tb, row, epoch + 1)
         log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         rng = dist_utils.all_gather_object(get_rng_state())  # a collective: every rank, outside the rank-0 block
         if dist.is_main:
@@ -339,6 +348,11 @@ def main(args, build_loss=None):
 
     # ---- end of training: SWA batch-norm update, test split, summary --------------------------
     final = history[-1]
+    if dist.is_main and "probs" in val:
+        write_eval_report(args.output_dir, val["probs"], val["targets"], data.class_names,
+                          loader_image_getter(data.val_loader))
+    if tb is not None:
+        tb.close()
     summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name,
                "epochs": args.epochs, "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
                "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
@@ -383,13 +397,16 @@ def eval_only(args, data, prec, dist):
                         f"{data.num_classes}; evaluate it on the dataset it was trained on")
     model.to(prec.device)
     adv = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
-    res = evaluate(model, data.val_loader, prec, tta=args.tta, **adv)
+    res = evaluate(model, data.val_loader, prec, tta=args.tta, collect=not dist.enabled, **adv)
     summary = {"ckpt": args.ckpt, "val_split": data.val_name, "val_acc": res["acc"], "val_acc5": res["acc5"],
                "val_loss": res["loss"], **({"robust_val_acc": res["robust_acc"]} if "robust_acc" in res else {})}
     if data.test_loader is not None:
         summary["test_acc"] = evaluate(model, data.test_loader, prec, tta=args.tta)["acc"]
     if dist.is_main:
         write_json(os.path.join(args.output_dir, "eval_summary.json"), summary)
+        if "probs" in res:
+            write_eval_report(args.output_dir, res["probs"], res["targets"], data.class_names,
+                              loader_image_getter(data.val_loader))
         log.info(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary
 

@@ -131,7 +131,7 @@ def _existing(path, data_dir, flag):
 def read_info_csv(path, image_column, label_column):
     """{image name: label} from the CSV; labels keep their type (int or str)."""
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={image_column: str})  # keep ids like "007" as written
     except pd.errors.EmptyDataError:
         raise UserError(f"--info_csv {path} is empty; it needs a header and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:

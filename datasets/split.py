@@ -28,10 +28,12 @@ def balanced_weights(labels, num_classes):
 
 
 def inverse_frequency_weights(labels, num_classes):
-    """--class_weights auto: w_c = N / (K * n_c), inverse class frequency normalised so that the
-    weighted mean over the training samples is 1 (scikit-learn's "balanced"). Absent classes get 0."""
+    """--class_weights auto: w_c = N / (K * n_c) over the K classes present, inverse class frequency
+    normalised so that the weighted mean over the training samples is 1 (scikit-learn's "balanced").
+    Absent classes get 0."""
     counts = class_counts(labels, num_classes).double()
-    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    present = int((counts > 0).sum())
+    w = torch.where(counts > 0, counts.sum() / (present * counts.clamp(min=1)), torch.zeros_like(counts))
     return w.float()
 
 
