@@ -61,7 +61,7 @@ def _add_data_args(p):
 
 def _add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet20", help="registry name (see models/__init__.py)")
+    g.add_argument("--model", default="fastresnet8", help="registry name (see models/__init__.py)")
     g.add_argument("--attention", default="none", choices=ATTENTIONS,
                    help="attention module in every residual block")
     g.add_argument("--drop_path_rate", type=float, default=0.0,
@@ -72,7 +72,7 @@ def _add_model_args(p):
 
 def _add_optim_args(p):
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--epochs", type=int, default=8)
     g.add_argument("--batch_size", type=int, default=256, help="per-process batch size")
     g.add_argument("--opt", default="sgd", help=f"one of {', '.join(OPTIMIZERS)}")
     g.add_argument("--lr", type=float, default=0.2, help="peak learning rate")

@@ -13,7 +13,8 @@ from models.eca import ECA
 from models.mlp import mlp_student, mlp_teacher
 from models.mobilenet import mobilenetv2
 from models.repvgg import REPVGG_MODELS
-from models.resnet_cifar import resnet8, resnet20, resnet32, resnet44, resnet56, resnet110
+from models.resnet_cifar import (fastresnet8, fastresnet14, fastresnet20, resnet8, resnet20, resnet32, resnet44,
+                                  resnet56, resnet110)
 from models.resnet_tv import resnet18, resnet34, resnet50
 from models.se import SqueezeExcite
 from models.vgg import vgg_plain
@@ -27,6 +28,9 @@ MODELS = {
     "resnet44": resnet44,
     "resnet56": resnet56,
     "resnet110": resnet110,
+    "fastresnet8": fastresnet8,     # widths 32/64/128 after a max-pooled stem: for CPU time budgets
+    "fastresnet14": fastresnet14,
+    "fastresnet20": fastresnet20,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
