@@ -258,28 +258,8 @@ def main(args, build_loss=None):
     # ---- resume ------------------------------------------------------------------------------
     start_epoch, best_acc, history, train_seconds = 0, 0.0, [], 0.0
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["model_config"] != mcfg:
-            raise UserError(f"{args.resume} was trained with model settings {ckpt['model_config']['name']}/"
-                            f"{ckpt['model_config']['num_classes']} classes that differ from these flags; "
-                            f"resume with the run's own config.yaml (--config) or start a new run")
-        load_state(model, ckpt["model"], f"{args.resume}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"])
-        if swa is not None and ckpt.get("swa"):
-            swa.load_state_dict(ckpt["swa"])
-        rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
-        if len(rng) == dist.world_size:
-            set_rng_state(rng[dist.rank])  # each rank continues its own augmentation stream
-        else:
-            log.warning(f"{args.resume} was saved by {len(rng)} process(es), this run has {dist.world_size}: "
-                        f"random augmentation streams restart from --seed")
-        start_epoch, best_acc = ckpt["epoch"], ckpt["best_val_acc"]
-        history, train_seconds = ckpt["metrics"]["history"], ckpt["metrics"]["train_seconds"]
-        log.info(f"resumed from {args.resume} at epoch {start_epoch}")
+        start_epoch, best_acc, history, train_seconds = restore_run(
+            args.resume, mcfg, model, optimizer, sched, scaler, ema, swa, dist)
 
     # ---- wrappers: DDP and compile see the model; EMA/checkpoints keep the unwrapped one --------
     train_model = model
@@ -346,18 +326,50 @@ def main(args, build_loss=None):
             write_metrics_csv(os.path.join(args.output_dir, "metrics.csv"), history)
             plot_curves(os.path.join(args.output_dir, "curves.png"), history)
 
-    # ---- end of training: SWA batch-norm update, test split, summary --------------------------
-    final = history[-1]
+    # ---- end of training: evaluation report, SWA batch-norm update, test split, summary ----------
     if dist.is_main and "probs" in val:
         write_eval_report(args.output_dir, val["probs"], val["targets"], data.class_names,
                           loader_image_getter(data.val_loader))
     if tb is not None:
         tb.close()
+    summary = summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_acc, train_seconds,
+                            {"params": params, "flops": flops, **extra_summary})
+    dist_utils.cleanup()
+    return summary
+
+
+def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist):
+    """--resume: load every piece of state back; returns (start_epoch, best_acc, history, train_seconds)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["model_config"] != mcfg:
+        raise UserError(f"{path} was trained with model settings {ckpt['model_config']['name']}/"
+                        f"{ckpt['model_config']['num_classes']} classes that differ from these flags; "
+                        f"resume with the run's own config.yaml (--config) or start a new run")
+    load_state(model, ckpt["model"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema"):
+        ema.load_state_dict(ckpt["ema"])
+    if swa is not None and ckpt.get("swa"):
+        swa.load_state_dict(ckpt["swa"])
+    rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    if len(rng) == dist.world_size:
+        set_rng_state(rng[dist.rank])  # each rank continues its own augmentation stream
+    else:
+        log.warning(f"{path} was saved by {len(rng)} process(es), this run has {dist.world_size}: "
+                    f"random augmentation streams restart from --seed")
+    log.info(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt["best_val_acc"], ckpt["metrics"]["history"], ckpt["metrics"]["train_seconds"]
+
+
+def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_acc, train_seconds, extra):
+    """summary.json: final/best accuracy, the averaged models (EMA, SWA) and the test split when separate."""
+    final = history[-1]
     summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name,
                "epochs": args.epochs, "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
                "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
-               "images_per_second": sum(r["images_per_second"] for r in history) / len(history),
-               "params": params, "flops": flops, **extra_summary}
+               "images_per_second": sum(r["images_per_second"] for r in history) / len(history), **extra}
     if ema is not None:
         summary.update(final_val_acc_ema=final["val_acc_ema"], best_val_acc_ema=max(r["val_acc_ema"] for r in history))
     if "robust_val_acc" in final:
@@ -385,7 +397,6 @@ def main(args, build_loss=None):
         write_json(os.path.join(args.output_dir, "summary.json"), summary)
         log.info(f"done: final {data.val_name} acc {final['val_acc']:.4f}, best {best_acc:.4f}, "
                  f"{train_seconds:.0f} s training -> {args.output_dir}")
-    dist_utils.cleanup()
     return summary
 
 

@@ -46,7 +46,7 @@ def test_smoke_run_writes_every_output(tmp_path):
 
 def test_kill_and_resume_gives_identical_weights(tmp_path):
     flags = [*QUICK, "--epochs", "3", "--deterministic", "--train_subset", "1024", "--hflip", "0.5",
-             "--crop_padding", "2", "--mixup_alpha", "0.2"]
+             "--crop_padding", "2", "--mixup_alpha", "0.2", "--ema", "--ema_warmup"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     r = run_script(["train.py", *flags, "--output_dir", str(full)])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -68,6 +68,9 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     assert b["epoch"] == 3
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]["module"]:  # the EMA continues with its step count
+        assert torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]), k
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
     assert len(b["metrics"]["history"]) == 3
 
 
@@ -134,3 +137,40 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
     r = run_script(["train.py", *QUICK, "--output_dir", str(out), "--lr", "1e30", "--opt", "sgd"])
     assert r.returncode == 2, r.stderr[-1500:]
     assert "epoch 1 step" in r.stderr and "Traceback" not in r.stderr
+
+
+def _seed_csv_layout(tmp_path, n=24):
+    """The seed's layout: a folder of images of mixed sizes and modes, a CSV of file name -> string label."""
+    from PIL import Image
+    d = tmp_path / "images"
+    d.mkdir()
+    rows = ["image,label"]
+    for i in range(n):
+        mode, size = (("L", (20 + i, 24)), ("RGB", (40, 30 + i)), ("RGBA", (32, 32)))[i % 3]
+        Image.new(mode, size, color=(i * 10) % 255 if mode == "L" else ((i * 10) % 255, 50, 100, 255)[:len(mode)]).save(
+            d / f"img{i}.png")
+        rows.append(f"img{i}.png,{'shirt' if i % 2 else 'shoe'}")
+    csv = tmp_path / "info.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return d, csv
+
+
+def test_seed_csv_layout_trains_and_bad_csv_inputs_exit_2(tmp_path):
+    d, csv = _seed_csv_layout(tmp_path)
+    base = ["--dataset", "csv", "--data_dir", str(d), "--info_csv", str(csv), "--img_size", "32", "--model", "resnet8",
+            "--epochs", "1", "--batch_size", "8", "--no_progress", "--device", "cpu", "--warmup_epochs", "0"]
+    r = run_script(["train.py", *base, "--output_dir", str(tmp_path / "ok")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert s["val_split"] == "val" and 0.0 <= s["final_val_acc"] <= 1.0
+
+    _expect_error([*base, "--label_column", "class", "--output_dir", str(tmp_path / "r1")], "class", tmp_path)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    csv.write_text(csv.read_text() + "broken.png,shoe\n")
+    _expect_error([*base, "--output_dir", str(tmp_path / "r2")], "broken.png", tmp_path)
+    r = run_script(["train.py", *base, "--skip_bad_images", "--output_dir", str(tmp_path / "r3")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    csv.write_text(csv.read_text() + "missing.png,shirt\n")
+    _expect_error([*base, "--skip_bad_images", "--output_dir", str(tmp_path / "r4"), "--val_ratio", "1.5"],
+                  "val_ratio", tmp_path)
+    _expect_error([*base, "--output_dir", str(tmp_path / "r5")], "missing.png", tmp_path)
