@@ -15,5 +15,5 @@ def run_cli(main, *args):
     try:
         return main(*args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
