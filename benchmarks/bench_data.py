@@ -11,7 +11,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 from PIL import Image
@@ -21,6 +20,7 @@ from torchvision import transforms as T
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
+from timing import time_alternately  # noqa: E402  (benchmarks/timing.py, next to this script)
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
 from datasets.loader import InMemoryLoader, make_file_loader  # noqa: E402
@@ -121,14 +121,7 @@ def main():
                                                         scaler, prec, 0)}
     runs.update({name: (lambda ld=ld: consume(ld, prec)) for name, ld in paths.items()})
 
-    for run in runs.values():  # warm-up: worker start-up, imgaug/v2 pipelines, oneDNN primitives
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(b.rounds):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
+    times = time_alternately(runs, b.rounds)
 
     # Serial model: data time adds to step time. Worker paths are timed with the cores to themselves; in
     # training they would overlap the step but compete with it for the same (here: 2) cores.
@@ -144,7 +137,7 @@ def main():
               "step": {"precision": "fp32 channels_last", "ms_per_batch": 1000 * step_s,
                        "images_per_second": b.batch_size / step_s},
               "fast_path_data_share": fast["data_share"], "target_met": fast["data_share"] <= 0.05, "rows": rows}
-    print(f"| data path | img/s (data only) | ms/batch | data / (data + step) |\n|---|---|---|---|")
+    print("| data path | img/s (data only) | ms/batch | data / (data + step) |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} | {r['images_per_second']:.0f} | {r['data_ms_per_batch']:.2f} | "
               f"{100 * r['data_share']:.1f}% |")

@@ -9,7 +9,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
+from timing import time_alternately  # noqa: E402  (benchmarks/timing.py, next to this script)
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
 from models import build_model  # noqa: E402
@@ -127,14 +127,7 @@ def main():
         variants.update(keep)
 
     runs = {name: make() for name, make in variants.items()}
-    for run in runs.values():  # warm-up: allocator, oneDNN primitive caches
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(b.rounds):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
+    times = time_alternately(runs, b.rounds)
 
     n_img = b.steps * b.batch_size
     base = statistics.median(times["train.py (no tricks)"])
@@ -148,7 +141,7 @@ def main():
     result = {"model": b.model, "batch_size": b.batch_size, "steps": b.steps, "rounds": b.rounds, "amp": b.amp,
               "channels_last": b.channels_last, "threads": torch.get_num_threads(),
               "loop_efficiency": plain["images_per_second"] / bare["images_per_second"], "rows": rows}
-    print(f"| variant | img/s | ms/step | time vs train.py step |\n|---|---|---|---|")
+    print("| variant | img/s | ms/step | time vs train.py step |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['images_per_second']:.0f} | {r['step_ms']:.1f} | {r['ratio_to_train_py']:.2f}x |")
     print(f"\nloop efficiency (train.py / bare): {result['loop_efficiency']:.3f}")

@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -19,3 +20,20 @@ def run_script(args, cwd=ROOT, timeout=600):
     """Run a repository script in a fresh interpreter; returns the CompletedProcess."""
     import subprocess
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """train.main and ablate.main install their own root log handlers; give pytest's back after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+    logging.captureWarnings(False)

@@ -2,7 +2,6 @@
 on fabricated summary.json files and on real runs; a rerun redoes only the run whose summary is missing; a bad
 spec is refused (exit 2) before any run starts; configs/ablation_fmnist.yaml names every trick and validates."""
 import json
-import logging
 import math
 import os
 import re
@@ -18,22 +17,6 @@ from conftest import ROOT, needs_fmnist, run_script
 from utils.errors import UserError
 
 T_975_DF1, T_975_DF2 = 12.706204736174707, 4.302652729911275  # Student t quantiles from a table
-
-
-@pytest.fixture(autouse=True)
-def _keep_root_logging():
-    """ablate.main (like train.main) installs its own root handlers; give pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    for h in handlers:
-        if h not in root.handlers:
-            root.addHandler(h)
-    root.setLevel(level)
 
 
 def _write_spec(path, variants, base=None, **extra):

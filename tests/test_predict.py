@@ -2,7 +2,6 @@
 (= ONNX) predictions, dataset mode, unreadable images, and the CSV layout. One tiny --acb model, trained once."""
 import csv
 import json
-import logging
 import os
 
 import numpy as np
@@ -47,19 +46,8 @@ def run(tmp_path_factory):
                       "--no_progress", "--device", "cpu", "--no-amp", "--warmup_epochs", "0", "--lr", "0.02",
                       "--output_dir", str(tmp / "run")])
     assert res.returncode == 0, res.stderr[-2000:]
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:  # in-process (saves two interpreter starts); train.main installs its own root log handlers
-        train.main(config.parse_args([*data, "--eval_only", "--ckpt", str(tmp / "run" / "last.pt"), "--device",
-                                      "cpu", "--no-amp", "--no_progress", "--output_dir", str(tmp / "eval")]))
-    finally:
-        for h in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(h)
-            h.close()
-        for h in handlers:
-            if h not in root.handlers:
-                root.addHandler(h)
-        root.setLevel(level)
+    train.main(config.parse_args([*data, "--eval_only", "--ckpt", str(tmp / "run" / "last.pt"), "--device",
+                                  "cpu", "--no-amp", "--no_progress", "--output_dir", str(tmp / "eval")]))
     onnx = []
     try:
         import onnxruntime  # noqa: F401

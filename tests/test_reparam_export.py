@@ -1,6 +1,5 @@
 """reparam_export.py in-process: a tiny checkpoint is fused and exported (deploy.pt, ONNX, TorchScript) with
 outputs that match the trained model; a forced mismatch writes nothing; bad input is a UserError (exit 2)."""
-import logging
 import os
 import warnings
 
@@ -177,24 +176,6 @@ def test_bad_input_is_a_user_error(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["best.pt"]
 
 
-@pytest.fixture
-def restore_logging():
-    """train.main installs its own root handlers; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    for h in handlers:
-        if h not in root.handlers:
-            root.addHandler(h)
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
-@needs_fmnist
 def test_train_eval_only_on_the_deploy_checkpoint_gives_the_same_metrics(tmp_path, restore_logging):
     import config
     import train

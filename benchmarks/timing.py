@@ -1,0 +1,15 @@
+"""Alternating timer shared by the benchmarks: these machines are noisy, so compared things take turns."""
+import time
+
+
+def time_alternately(runs, rounds):
+    """Warm every run up once, then time them in turn for `rounds` rounds: {name: [seconds per round]}."""
+    for run in runs.values():  # warm-up: allocator, oneDNN primitive caches, worker start-up
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return times
