@@ -159,6 +159,10 @@ def check_args(args):
         raise UserError("--resume and --eval_only do not go together; use --eval_only --ckpt PATH")
     if args.swa and args.swa_start >= args.epochs:
         raise UserError(f"--swa_start {args.swa_start} must be below --epochs {args.epochs}")
+    if args.eval_interval < 1:
+        raise UserError(f"--eval_interval must be at least 1 (got {args.eval_interval})")
+    if args.eval_interval > 1 and args.scheduler == "plateau":
+        raise UserError("--scheduler plateau steps on every epoch's validation accuracy; use --eval_interval 1")
 
 
 def setup_run(args):
@@ -294,17 +298,19 @@ def main(args, build_loss=None):
             ema=ema, unwrapped=model, step_sched=not swa_on, clip_grad=args.clip_grad,
             teacher=teacher, progress=progress)
         train_seconds += stats["epoch_seconds"]
-        report = epoch + 1 == args.epochs and not dist.enabled  # per-sample outputs for eval_report.md
-        val = evaluate(model, data.val_loader, prec, tta=args.tta, collect=report, **adv_eval)
-        row = {"epoch": epoch + 1, **stats, "val_loss": val["loss"], "val_acc": val["acc"], "val_acc5": val["acc5"],
-               "lr": optimizer.param_groups[0]["lr"]}
-        if "robust_acc" in val:
-            row["robust_val_acc"] = val["robust_acc"]
-        if ema is not None:
-            val_ema = evaluate(ema.module, data.val_loader, prec, tta=args.tta)
-            row.update(val_loss_ema=val_ema["loss"], val_acc_ema=val_ema["acc"])
+        last = epoch + 1 == args.epochs
+        row = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
+        if last or (epoch + 1) % args.eval_interval == 0:
+            report = last and not dist.enabled  # per-sample outputs for eval_report.md
+            val = evaluate(model, data.val_loader, prec, tta=args.tta, collect=report, **adv_eval)
+            row.update(val_loss=val["loss"], val_acc=val["acc"], val_acc5=val["acc5"])
+            if "robust_acc" in val:
+                row["robust_val_acc"] = val["robust_acc"]
+            if ema is not None:
+                val_ema = evaluate(ema.module, data.val_loader, prec, tta=args.tta)
+                row.update(val_loss_ema=val_ema["loss"], val_acc_ema=val_ema["acc"])
         if not swa_on:
-            sched.step_epoch(val["acc"])  # only plateau acts on it
+            sched.step_epoch(row.get("val_acc"))  # only plateau acts on it (check_args: evaluated every epoch)
         else:
             swa.step_epoch(model, epoch)
         history.append(row)
@@ -312,8 +318,8 @@ def main(args, build_loss=None):
         log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         rng = dist_utils.all_gather_object(get_rng_state())  # a collective: every rank, outside the rank-0 block
         if dist.is_main:
-            best = val["acc"] > best_acc
-            best_acc = max(best_acc, val["acc"])
+            best = "val_acc" in row and row["val_acc"] > best_acc
+            best_acc = max(best_acc, row.get("val_acc", 0.0))
             ckpt = {"model": model.state_dict(), "model_config": mcfg, "class_names": data.class_names,
                     "args": vars(args), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -371,7 +377,7 @@ def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_a
                "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
                "images_per_second": sum(r["images_per_second"] for r in history) / len(history), **extra}
     if ema is not None:
-        summary.update(final_val_acc_ema=final["val_acc_ema"], best_val_acc_ema=max(r["val_acc_ema"] for r in history))
+        summary.update(final_val_acc_ema=final["val_acc_ema"], best_val_acc_ema=max(r["val_acc_ema"] for r in history if "val_acc_ema" in r))
     if "robust_val_acc" in final:
         summary["robust_val_acc"] = final["robust_val_acc"]
     if swa is not None:

@@ -200,7 +200,10 @@ def test_fmnist_spec_covers_every_trick_and_validates(tmp_path):
     flags = [v["flags"] for v in variants]
     want = [{"warmup_epochs": 0}, {"label_smoothing": 0.1}, {"no_bias_decay": True}, {"zero_init_residual": True},
             {"init": "lsuv"}, {"init": "kaiming_normal", "init_mode": "fan_out"}, {"scheduler": "onecycle"},
-            {"ema": True}, {"swa": True}, {"crop_padding": 2, "hflip": 0.5}, {"random_erasing": 0.5},
+            {"ema": True}, {"swa": True}, {"crop_padding": 2, "hflip": 0.5}, {"random_erasing": 0.25},
+            {"init": "xavier_uniform"}, {"init": "orthogonal"}, {"scheduler": "multistep"}, {"rotate": 10},
+            {"affine": [0.1, 0.1, 5]}, {"perspective": 0.3}, {"blur": 0.2}, {"color_jitter": [0.3, 0.3, 0, 0]},
+            {"auto_augment": "trivialaugment"}, {"aug_backend": "imgaug", "imgaug_preset": "seed"},
             {"cutout": [1, 8]}, {"mixup_alpha": 0.2}, {"cutmix_alpha": 1.0}, {"mosaic": 0.5},
             {"attention": "se"}, {"attention": "cbam"}, {"attention": "eca"}, {"attention": "ca"},
             {"drop_path_rate": 0.1}, {"acb": True}, {"tta": True}, {"adv": "fgsm", "adv_eps": 0.03},
@@ -210,7 +213,7 @@ def test_fmnist_spec_covers_every_trick_and_validates(tmp_path):
     onecycle = next(f for f in flags if f.get("scheduler") == "onecycle")
     assert onecycle["warmup_epochs"] == 0
     metric = {v["name"]: v["metric"] for v in variants}
-    assert metric["EMA 0.995"] == "test_acc_ema" and metric["SWA (last 2 epochs)"] == "swa_val_acc"
+    assert metric["EMA 0.99"] == "test_acc_ema" and metric["SWA (last epoch)"] == "swa_val_acc"
 
 
 # ---------------------------------------------------------------- real runs

@@ -60,3 +60,26 @@ def test_teacher_with_other_class_count_is_refused(tmp_path):
 def test_missing_teacher_flag(tmp_path):
     r = run_script(["train_distill.py", *QUICK, "--output_dir", str(tmp_path / "r")])
     assert r.returncode == 2 and "--teacher_ckpt" in r.stderr.strip().splitlines()[-1]
+
+
+def test_teacher_use_ema_loads_the_ema_weights(tmp_path, monkeypatch):
+    teacher_path = tmp_path / "teacher.pt"
+    model = _teacher_ckpt(teacher_path)
+    ckpt = torch.load(teacher_path, map_location="cpu", weights_only=True)
+    ema_state = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    ckpt["ema"] = {"module": ema_state, "num_updates": 1}
+    save_checkpoint(ckpt, teacher_path)
+    seen = {}
+    orig = train_distill.build_teacher_loss
+
+    def spy(args, data, prec, criterion):
+        loss, t, extra = orig(args, data, prec, criterion)
+        seen["teacher"] = t.model
+        return loss, t, extra
+
+    monkeypatch.setattr(train_distill, "build_teacher_loss", spy)
+    args = config.parse_args([*QUICK, "--teacher_ckpt", str(teacher_path), "--teacher_use_ema", "--model",
+                              "mlp_student", "--output_dir", str(tmp_path / "run")], parser=train_distill.get_parser())
+    train_distill.main(args)
+    for k, v in seen["teacher"].state_dict().items():
+        assert torch.equal(v.cpu(), ema_state[k]), k

@@ -2,11 +2,13 @@
 (a flag parsed and then ignored would leave these traces missing)."""
 import json
 
+import pytest
 import torch
 
 import config
 import train
 from conftest import QUICK, needs_fmnist
+from utils.errors import UserError
 
 pytestmark = needs_fmnist
 
@@ -52,3 +54,59 @@ def test_trick_flags_reach_the_run(tmp_path, monkeypatch):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert "val_acc_ema" in rows[0] and "robust_val_acc" in rows[0] and len(rows) == 3
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypatch):
+    """--init (non-LSUV), --tta, --awp_start_epoch, --threads, --amp_dtype, --compile, --eval_interval."""
+    seen = {"evaluate": [], "epochs": []}
+    orig_init, orig_eval, orig_epoch = train.init_weights, train.evaluate, train.train_one_epoch
+
+    def spy_init(model, scheme, mode, nonlinearity):
+        seen["init"] = scheme
+        orig_init(model, scheme, mode, nonlinearity)
+        seen["fc_std"] = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight.std().item()
+
+    def spy_eval(*a, **kw):
+        seen["evaluate"].append(kw.get("tta"))
+        return orig_eval(*a, **kw)
+
+    def spy_epoch(*a, **kw):
+        prec = a[6]
+        seen["epochs"].append({"awp": kw["awp"], "dtype": prec.dtype, "threads": torch.get_num_threads(),
+                               "compiled": a[0] is not kw["unwrapped"]})
+        return orig_epoch(*a, **kw)
+
+    monkeypatch.setattr(train, "init_weights", spy_init)
+    monkeypatch.setattr(train, "evaluate", spy_eval)
+    monkeypatch.setattr(train, "train_one_epoch", spy_epoch)
+    monkeypatch.setattr(train.torch, "compile", lambda m: torch.nn.Sequential(m))  # a wrapper, no compile time
+    threads = torch.get_num_threads()
+    out = tmp_path / "run"
+    args = config.parse_args([*QUICK, "--epochs", "3", "--eval_subset", "64", "--output_dir", str(out),
+                              "--init", "xavier_uniform", "--tta", "--adv", "awp", "--awp_start_epoch", "1",
+                              "--threads", "1", "--amp", "--amp_dtype", "bf16", "--compile", "--eval_interval", "2"])
+    try:
+        train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+    # Xavier-uniform fc (64 -> 10) with the relu gain: std = sqrt(2) * sqrt(2 / (64 + 10)) = 0.2325
+    # (PyTorch's own Linear init would give 1 / sqrt(3 * 64) = 0.072)
+    assert seen["init"] == "xavier_uniform"
+    assert abs(seen["fc_std"] - 2 ** 0.5 * (2 / 74) ** 0.5) < 0.02
+    first, second, third = seen["epochs"]
+    assert first["awp"] is None and second["awp"] is not None and third["awp"] is not None
+    assert all(e["dtype"] == torch.bfloat16 and e["threads"] == 1 and e["compiled"] for e in seen["epochs"])
+    # --eval_interval 2 over 3 epochs: evaluated after epochs 2 and 3, always with the flip TTA
+    assert seen["evaluate"] == [True, True]
+    rows = (out / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 4 and rows[1].split(",")[header.index("val_acc")] == ""
+    assert rows[2].split(",")[header.index("val_acc")] != ""
+
+
+def test_eval_interval_with_plateau_is_refused(tmp_path):
+    with pytest.raises(UserError, match="eval_interval"):
+        train.check_args(config.parse_args(["--scheduler", "plateau", "--eval_interval", "2"]))
+    with pytest.raises(UserError, match="eval_interval"):
+        train.check_args(config.parse_args(["--eval_interval", "0"]))

@@ -67,15 +67,14 @@ def plot_curves(path, history):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ep = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for key in ("train_loss", "val_loss", "val_loss_ema"):
         if key in history[-1]:
-            axes[0].plot(ep, [r.get(key) for r in history], label=key)
+            axes[0].plot(*zip(*[(r["epoch"], r[key]) for r in history if key in r]), label=key)
     for key in ("train_acc", "val_acc", "val_acc_ema", "robust_val_acc"):
         if key in history[-1]:
-            axes[1].plot(ep, [r.get(key) for r in history], label=key)
-    axes[2].plot(ep, [r["lr"] for r in history], label="lr (end of epoch)")
+            axes[1].plot(*zip(*[(r["epoch"], r[key]) for r in history if key in r]), label=key)
+    axes[2].plot([r["epoch"] for r in history], [r["lr"] for r in history], label="lr (end of epoch)")
     for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
