@@ -69,10 +69,10 @@ def plot_curves(path, history):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for key in ("train_loss", "val_loss", "val_loss_ema"):
-        if key in history[-1]:
+        if any(key in r for r in history):  # evaluated epochs only (--eval_interval)
             axes[0].plot(*zip(*[(r["epoch"], r[key]) for r in history if key in r]), label=key)
     for key in ("train_acc", "val_acc", "val_acc_ema", "robust_val_acc"):
-        if key in history[-1]:
+        if any(key in r for r in history):  # evaluated epochs only (--eval_interval)
             axes[1].plot(*zip(*[(r["epoch"], r[key]) for r in history if key in r]), label=key)
     axes[2].plot([r["epoch"] for r in history], [r["lr"] for r in history], label="lr (end of epoch)")
     for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
