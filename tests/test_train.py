@@ -174,3 +174,32 @@ def test_seed_csv_layout_trains_and_bad_csv_inputs_exit_2(tmp_path):
     _expect_error([*base, "--skip_bad_images", "--output_dir", str(tmp_path / "r4"), "--val_ratio", "1.5"],
                   "val_ratio", tmp_path)
     _expect_error([*base, "--output_dir", str(tmp_path / "r5")], "missing.png", tmp_path)
+
+
+def test_flip_tta_equals_the_mirrored_weights_closed_form():
+    """evaluate(tta=True) on a linear model equals a linear model with weights (W + mirror(W)) / 2."""
+    import numpy as np
+
+    import train
+    from utils.misc import make_precision
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    torch.nn.init.normal_(model[1].weight, generator=g)
+    images = torch.randint(0, 256, (40, 1, 4, 4), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    loader = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, 40, 16)]
+    prec = make_precision(torch.device("cpu"), amp=False)
+
+    w = model[1].weight.detach().numpy().astype(np.float64)
+    b = model[1].bias.detach().numpy().astype(np.float64)
+    w_tta = (w + w.reshape(3, 1, 4, 4)[..., ::-1].reshape(3, 16)) / 2
+    x = images.numpy().reshape(40, 16).astype(np.float64) / 255
+    y = labels.numpy()
+    for weights, tta in ((w, False), (w_tta, True)):
+        logits = x @ weights.T + b
+        logp = logits - logits.max(1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+        got = train.evaluate(model, loader, prec, tta=tta)
+        assert abs(got["loss"] - (-logp[np.arange(40), y].mean())) < 1e-5
+        assert abs(got["acc"] - (logits.argmax(1) == y).mean()) < 1e-12
+    assert train.evaluate(model, loader, prec, tta=True)["loss"] != train.evaluate(model, loader, prec)["loss"]
