@@ -68,12 +68,12 @@ def plot_curves(path, history):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for key in ("train_loss", "val_loss", "val_loss_ema"):
-        if any(key in r for r in history):  # evaluated epochs only (--eval_interval)
-            axes[0].plot(*zip(*[(r["epoch"], r[key]) for r in history if key in r]), label=key)
-    for key in ("train_acc", "val_acc", "val_acc_ema", "robust_val_acc"):
-        if any(key in r for r in history):  # evaluated epochs only (--eval_interval)
-            axes[1].plot(*zip(*[(r["epoch"], r[key]) for r in history if key in r]), label=key)
+    for ax, keys in ((axes[0], ("train_loss", "val_loss", "val_loss_ema")),
+                     (axes[1], ("train_acc", "val_acc", "val_acc_ema", "robust_val_acc"))):
+        for key in keys:
+            points = [(r["epoch"], r[key]) for r in history if key in r]  # evaluated epochs only (--eval_interval)
+            if points:
+                ax.plot(*zip(*points), label=key)
     axes[2].plot([r["epoch"] for r in history], [r["lr"] for r in history], label="lr (end of epoch)")
     for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
         ax.set_title(title)
