@@ -197,6 +197,9 @@ def _add_run_args(p):
     g.add_argument("--ckpt", default=None, metavar="PATH", help="checkpoint for --eval_only")
     g.add_argument("--use_ema", action="store_true", help="--eval_only: evaluate the EMA weights")
     g.add_argument("--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation")
+    g.add_argument("--tta_shift", type=int, default=0, metavar="PX",
+                   help="test-time augmentation: also average views translated by +-PX pixels (and, with --tta, "
+                        "their mirrors)")
     g.add_argument("--eval_interval", type=int, default=1, metavar="N",
                    help="evaluate every N epochs and after the last one (long recipes spend less time evaluating)")
     g.add_argument("--seed", type=int, default=0)

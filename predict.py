@@ -1,6 +1,6 @@
 """Predict the classes of images with a trained checkpoint (train or deploy form) or its ONNX export.
 
-    python predict.py --ckpt runs/x/best.pt --images DIR --out predictions.csv [--topk 5] [--tta] [--use_ema]
+    python predict.py --ckpt runs/x/best.pt --images DIR --out predictions.csv [--topk 5] [--tta] [--tta_shift 1]
     python predict.py --ckpt runs/x/best.pt --list files.txt --out predictions.csv
     python predict.py --ckpt runs/x/best.pt --out predictions.csv [data flags] [--split test]   # a dataset split
     python predict.py --ckpt deploy.onnx --meta deploy.pt --images DIR --out predictions.csv
@@ -23,7 +23,7 @@ import config
 from datasets.files import IMG_EXTENSIONS, load_image
 from utils.checkpoint import load_checkpoint, load_model
 from utils.errors import UserError, run_cli
-from utils.misc import make_precision, resolve_device
+from utils.misc import make_precision, resolve_device, tta_views
 
 log = logging.getLogger("predict")
 
@@ -56,12 +56,10 @@ class TorchPredictor:
         if self.prec.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-    def __call__(self, x, tta=False):
-        x = self.prec.to_input(x)
+    def __call__(self, x, tta=False, tta_shift=0):
+        views = tta_views(self.prec.to_input(x), flip=tta, shift=tta_shift)
         with torch.no_grad(), self.prec.autocast():
-            logits = self.model(x)
-            if tta:
-                logits = (logits + self.model(x.flip(3))) / 2
+            logits = sum(self.model(v) for v in views) / len(views)
         return logits.float().cpu()
 
 
@@ -83,12 +81,9 @@ class OnnxPredictor:
     def _run(self, x):
         return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0]).float()
 
-    def __call__(self, x, tta=False):
-        x = x.float().div(255)
-        logits = self._run(x)
-        if tta:
-            logits = (logits + self._run(x.flip(3))) / 2
-        return logits
+    def __call__(self, x, tta=False, tta_shift=0):
+        views = tta_views(x.float().div(255), flip=tta, shift=tta_shift)
+        return sum(self._run(v.contiguous()) for v in views) / len(views)
 
 
 def load_predictor(args, device):
@@ -220,6 +215,8 @@ def main(argv=None):
         raise UserError("pass one of --images DIR and --list FILE (or neither, to predict a dataset split)")
     if pre.topk < 1:
         raise UserError(f"--topk {pre.topk} must be at least 1")
+    if pre.tta_shift < 0:
+        raise UserError(f"--tta_shift must be 0 (off) or a number of pixels (got {pre.tta_shift})")
     out_dir = os.path.dirname(os.path.abspath(pre.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"folder {out_dir} of --out {pre.out} does not exist; create it first")
@@ -247,7 +244,7 @@ def main(argv=None):
     rows, correct = [], 0
     with tqdm(total=total, unit="img", disable=args.no_progress, dynamic_ncols=True) as bar:
         for names_, x, y, n in batches:
-            probs = predictor(x, tta=args.tta).softmax(1)
+            probs = predictor(x, tta=args.tta, tta_shift=args.tta_shift).softmax(1)
             top_p, top_i = probs.topk(k, dim=1)
             for r, name in enumerate(names_):
                 pairs = [v for c, p in zip(top_i[r].tolist(), top_p[r].tolist()) for v in (class_names[c], f"{p:.6f}")]

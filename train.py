@@ -27,7 +27,7 @@ from utils.ema import ModelEMA
 from utils.errors import UserError, run_cli
 from utils.init import init_weights, lsuv_init, zero_init_residual
 from utils.logger import setup_logging
-from utils.misc import accuracy_counts, make_precision, resolve_device, seed_everything
+from utils.misc import accuracy_counts, make_precision, resolve_device, seed_everything, topk_hits, tta_views
 from utils.mix import build_mixer
 from utils.optim import build_optimizer, scaled_lr
 from utils.outputs import plot_curves, prepare_output_dir, write_json, write_metrics_csv
@@ -43,16 +43,31 @@ class NonFiniteLoss(UserError):
     pass
 
 
+SYNC_EVERY = 50  # steps between host syncs of the training loss on a GPU
+
+
+def _non_finite(epoch, step, sync_every):
+    where = f"epoch {epoch + 1} step {step + 1}" + ("" if sync_every == 1 else f" (checked every {sync_every} steps)")
+    return NonFiniteLoss(f"loss became non-finite at {where}; the last good checkpoint is kept; "
+                         f"lower --lr, add --warmup_epochs or --clip_grad")
+
+
 def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, epoch, *, mix=None,
                     attack=None, attack_loss=None, awp=None, ema=None, unwrapped=None, step_sched=True,
-                    clip_grad=0.0, teacher=None, progress=False):
+                    clip_grad=0.0, teacher=None, progress=False, sync_every=None):
     """One pass over the training data. Each trick enters at one visible call point.
 
     `model` may be DDP/compile-wrapped; `unwrapped` is the plain module (EMA source, attack target).
+    sync_every: steps between host syncs for the non-finite-loss check (default: 1 on the CPU, where a sync is
+    free, SYNC_EVERY elsewhere, where .item() every step would stall the device queue).
     """
     unwrapped = unwrapped if unwrapped is not None else model
     model.train()
-    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    if sync_every is None:
+        sync_every = 1 if prec.device.type == "cpu" else SYNC_EVERY
+    loss_sum = torch.zeros((), dtype=torch.float64, device=prec.device)
+    correct = torch.zeros((), dtype=torch.int64, device=prec.device)
+    seen, t0 = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
@@ -73,10 +88,10 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         with prec.autocast():
             logits = model(x)
             loss = criterion(logits, y) if teacher is None else criterion(logits, y, teacher_logits)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}; the last good "
-                                f"checkpoint is kept; lower --lr, add --warmup_epochs or --clip_grad")
+        n = y.shape[0]
+        loss_sum += loss.detach().double() * n
+        if (step + 1) % sync_every == 0 and not math.isfinite(loss_sum.item()):
+            raise _non_finite(epoch, step, sync_every)
         scaler.scale(loss).backward()
         if awp is not None:
             awp.restore()  # back to w exactly: the gradient taken at w + v is applied at w
@@ -90,22 +105,23 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         if ema is not None:
             ema.update(unwrapped)
 
-        n = y.shape[0]
-        loss_sum += loss_value * n
-        correct += accuracy_counts(logits.detach(), y, topk=(1,))[0]
+        correct += topk_hits(logits.detach(), y, topk=(1,))[0]
         seen += n
-        if progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-    loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum, correct, seen], prec.device)
+        if progress and step % max(10, sync_every) == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+    if not math.isfinite(loss_sum.item()):
+        raise _non_finite(epoch, step, sync_every)
+    loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum.item(), correct.item(), seen], prec.device)
     seconds = time.perf_counter() - t0
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
             "images_per_second": seen / seconds, "epoch_seconds": seconds}
 
 
-def evaluate(model, loader, prec, *, tta=False, adv_eps=0.0, adv_steps=0, collect=False):
+def evaluate(model, loader, prec, *, tta=False, tta_shift=0, adv_eps=0.0, adv_steps=0, collect=False):
     """Loss, top-1 and top-5 over every sample exactly once (summed over processes).
 
-    tta: average the logits of the image and its horizontal flip. adv_steps > 0: also PGD robust accuracy.
+    tta: average the logits of the image and its horizontal flip; tta_shift > 0: also of the image translated
+    by +-tta_shift pixels (utils.misc.tta_views). adv_steps > 0: also PGD robust accuracy (on the plain view).
     collect: also return the per-sample probabilities and targets (for the evaluation report).
     """
     model.eval()
@@ -114,9 +130,8 @@ def evaluate(model, loader, prec, *, tta=False, adv_eps=0.0, adv_steps=0, collec
     for x, y in loader:
         x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
         with torch.no_grad(), prec.autocast():
-            logits = model(x)
-            if tta:
-                logits = (logits + model(x.flip(3))) / 2
+            views = tta_views(x, flip=tta, shift=tta_shift)
+            logits = sum(model(v) for v in views) / len(views)
         logits = logits.float()
         top1, top5 = accuracy_counts(logits, y)
         sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
@@ -159,6 +174,8 @@ def check_args(args):
         raise UserError("--resume and --eval_only do not go together; use --eval_only --ckpt PATH")
     if args.swa and args.swa_start >= args.epochs:
         raise UserError(f"--swa_start {args.swa_start} must be below --epochs {args.epochs}")
+    if args.tta_shift < 0:
+        raise UserError(f"--tta_shift must be 0 (off) or a number of pixels (got {args.tta_shift})")
     if args.eval_interval < 1:
         raise UserError(f"--eval_interval must be at least 1 (got {args.eval_interval})")
     if args.eval_interval > 1 and args.scheduler == "plateau":
@@ -215,6 +232,8 @@ def main(args, build_loss=None):
         summary = eval_only(args, data, prec, dist)
         dist_utils.cleanup()
         return summary
+
+    tta_kw = dict(tta=args.tta, tta_shift=args.tta_shift)
 
     # ---- model ------------------------------------------------------------------------------
     mcfg = model_config(args.model, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
@@ -302,12 +321,12 @@ def main(args, build_loss=None):
         row = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
         if last or (epoch + 1) % args.eval_interval == 0:
             report = last and not dist.enabled  # per-sample outputs for eval_report.md
-            val = evaluate(model, data.val_loader, prec, tta=args.tta, collect=report, **adv_eval)
+            val = evaluate(model, data.val_loader, prec, collect=report, **tta_kw, **adv_eval)
             row.update(val_loss=val["loss"], val_acc=val["acc"], val_acc5=val["acc5"])
             if "robust_acc" in val:
                 row["robust_val_acc"] = val["robust_acc"]
             if ema is not None:
-                val_ema = evaluate(ema.module, data.val_loader, prec, tta=args.tta)
+                val_ema = evaluate(ema.module, data.val_loader, prec, **tta_kw)
                 row.update(val_loss_ema=val_ema["loss"], val_acc_ema=val_ema["acc"])
         if not swa_on:
             sched.step_epoch(row.get("val_acc"))  # only plateau acts on it (check_args: evaluated every epoch)
@@ -372,6 +391,7 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist):
 def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_acc, train_seconds, extra):
     """summary.json: final/best accuracy, the averaged models (EMA, SWA) and the test split when separate."""
     final = history[-1]
+    tta_kw = dict(tta=args.tta, tta_shift=args.tta_shift)
     summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name,
                "epochs": args.epochs, "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
                "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
@@ -383,18 +403,18 @@ def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_a
     if swa is not None:
         swa.finalize(data.train_loader, prec.device)
         dist_utils.average_buffers(swa.module)  # each rank re-estimated BatchNorm on its own shard
-        summary["swa_val_acc"] = evaluate(swa.module, data.val_loader, prec, tta=args.tta)["acc"]
+        summary["swa_val_acc"] = evaluate(swa.module, data.val_loader, prec, **tta_kw)["acc"]
         if data.test_loader is not None:
-            summary["test_acc_swa"] = evaluate(swa.module, data.test_loader, prec, tta=args.tta)["acc"]
+            summary["test_acc_swa"] = evaluate(swa.module, data.test_loader, prec, **tta_kw)["acc"]
         elif data.val_name == "test":
             summary["test_acc_swa"] = summary["swa_val_acc"]
         if dist.is_main:
             save_checkpoint({"model": swa.module.state_dict(), "model_config": mcfg, "class_names": data.class_names,
                              "args": vars(args), "epoch": args.epochs}, os.path.join(args.output_dir, "swa.pt"))
     if data.test_loader is not None:
-        summary["test_acc"] = evaluate(model, data.test_loader, prec, tta=args.tta)["acc"]
+        summary["test_acc"] = evaluate(model, data.test_loader, prec, **tta_kw)["acc"]
         if ema is not None:
-            summary["test_acc_ema"] = evaluate(ema.module, data.test_loader, prec, tta=args.tta)["acc"]
+            summary["test_acc_ema"] = evaluate(ema.module, data.test_loader, prec, **tta_kw)["acc"]
     elif data.val_name == "test":
         summary["test_acc"] = final["val_acc"]  # the validation split is the official test split
         if ema is not None:
@@ -413,12 +433,13 @@ def eval_only(args, data, prec, dist):
         raise UserError(f"{args.ckpt} predicts {ckpt['model_config']['num_classes']} classes but the data has "
                         f"{data.num_classes}; evaluate it on the dataset it was trained on")
     model.to(prec.device)
+    tta_kw = dict(tta=args.tta, tta_shift=args.tta_shift)
     adv = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
-    res = evaluate(model, data.val_loader, prec, tta=args.tta, collect=not dist.enabled, **adv)
+    res = evaluate(model, data.val_loader, prec, collect=not dist.enabled, **tta_kw, **adv)
     summary = {"ckpt": args.ckpt, "val_split": data.val_name, "val_acc": res["acc"], "val_acc5": res["acc5"],
                "val_loss": res["loss"], **({"robust_val_acc": res["robust_acc"]} if "robust_acc" in res else {})}
     if data.test_loader is not None:
-        summary["test_acc"] = evaluate(model, data.test_loader, prec, tta=args.tta)["acc"]
+        summary["test_acc"] = evaluate(model, data.test_loader, prec, **tta_kw)["acc"]
     if dist.is_main:
         write_json(os.path.join(args.output_dir, "eval_summary.json"), summary)
         if "probs" in res:

@@ -101,22 +101,28 @@ def test_folder_top1_matches_eval_only(run, tmp_path):
 
 
 def test_train_form_deploy_form_and_onnx_agree(run, tmp_path):
-    predict_folder(run, run / "run" / "last.pt", tmp_path / "train.csv", "--topk", "3", "--tta")
-    predict_folder(run, run / "deploy.pt", tmp_path / "deploy.csv", "--topk", "3", "--tta")
+    tta = ("--tta", "--tta_shift", "1")
+    predict_folder(run, run / "run" / "last.pt", tmp_path / "train.csv", "--topk", "3", *tta)
+    predict_folder(run, run / "deploy.pt", tmp_path / "deploy.csv", "--topk", "3", *tta)
     outs = [read_rows(tmp_path / "train.csv"), read_rows(tmp_path / "deploy.csv")]
     if (run / "deploy.onnx").exists():
-        predict_folder(run, run / "deploy.onnx", tmp_path / "onnx.csv", "--topk", "3", "--tta", "--meta",
+        predict_folder(run, run / "deploy.onnx", tmp_path / "onnx.csv", "--topk", "3", *tta, "--meta",
                        run / "deploy.pt")
         outs.append(read_rows(tmp_path / "onnx.csv"))
         with pytest.raises(UserError, match="--meta"):
             predict_folder(run, run / "deploy.onnx", tmp_path / "x.csv")
     ref = outs[0]
-    # --tta is evaluate()'s: the mean of the logits of the image and of its horizontal flip
+    # --tta --tta_shift 1 is evaluate()'s: the mean of the logits of the image, of it moved 1 px down-right and
+    # 1 px up-left (zero fill), and of the mirrors of those three
     model, _ = load_model(str(run / "run" / "last.pt"))
     model.eval()
     x = torch.stack([load_image(str(run / "data" / "val" / r["image"]), 3, 32) for r in ref]).float() / 255
+    down_right, up_left = torch.zeros_like(x), torch.zeros_like(x)
+    down_right[..., 1:, 1:] = x[..., :-1, :-1]
+    up_left[..., :-1, :-1] = x[..., 1:, 1:]
     with torch.no_grad():
-        probs = ((model(x) + model(x.flip(3))) / 2).softmax(1)
+        views = [x, down_right, up_left]
+        probs = (sum(model(v) + model(v.flip(3)) for v in views) / 6).softmax(1)
     np.testing.assert_allclose([float(r["prob_1"]) for r in ref], probs.max(1).values.numpy(), atol=2e-6)
     for other in outs[1:]:
         assert [r["image"] for r in other] == [r["image"] for r in ref]

@@ -176,8 +176,9 @@ def test_seed_csv_layout_trains_and_bad_csv_inputs_exit_2(tmp_path):
     _expect_error([*base, "--output_dir", str(tmp_path / "r5")], "missing.png", tmp_path)
 
 
-def test_flip_tta_equals_the_mirrored_weights_closed_form():
-    """evaluate(tta=True) on a linear model equals a linear model with weights (W + mirror(W)) / 2."""
+def test_flip_and_shift_tta_equal_the_closed_form():
+    """evaluate(tta=True) on a linear model equals a linear model with weights (W + mirror(W)) / 2; with
+    tta_shift, the mean of the logits of the shifted (and mirrored) images computed here in numpy."""
     import numpy as np
 
     import train
@@ -203,3 +204,63 @@ def test_flip_tta_equals_the_mirrored_weights_closed_form():
         assert abs(got["loss"] - (-logp[np.arange(40), y].mean())) < 1e-5
         assert abs(got["acc"] - (logits.argmax(1) == y).mean()) < 1e-12
     assert train.evaluate(model, loader, prec, tta=True)["loss"] != train.evaluate(model, loader, prec)["loss"]
+
+    # tta_shift 1: also the images moved one pixel down-right and up-left (zero fill), and the mirrors of all three
+    img = x.reshape(40, 4, 4)
+    down_right, up_left = np.zeros_like(img), np.zeros_like(img)
+    down_right[:, 1:, 1:] = img[:, :-1, :-1]
+    up_left[:, :-1, :-1] = img[:, 1:, 1:]
+    views = [v.reshape(40, 16) for v in (img, down_right, up_left)]
+    for tta in (False, True):
+        if tta:
+            views += [v.reshape(40, 4, 4)[..., ::-1].reshape(40, 16) for v in views]
+        logits = sum(v @ w.T + b for v in views) / len(views)
+        got = train.evaluate(model, loader, prec, tta=tta, tta_shift=1)
+        assert abs(got["acc"] - (logits.argmax(1) == y).mean()) < 1e-12
+        logp = logits - logits.max(1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+        assert abs(got["loss"] - (-logp[np.arange(40), y].mean())) < 1e-5
+
+
+def test_epoch_sums_stay_on_device_and_non_finite_loss_is_caught_at_the_next_sync():
+    """train_one_epoch's device-side running sums equal the per-sample closed form (lr 0 keeps the weights),
+    whatever the sync interval; a NaN loss at step 4 is reported at step 4 (sync every step) or at step 6
+    (sync every 3 steps, as on a GPU)."""
+    import numpy as np
+
+    import train
+    from utils.misc import make_precision
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    images = torch.randint(0, 256, (64, 1, 4, 4), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (64,), generator=g)
+    loader = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 64, 8)]
+    prec = make_precision(torch.device("cpu"), amp=False)
+    w = model[1].weight.detach().numpy().astype(np.float64)
+    b = model[1].bias.detach().numpy().astype(np.float64)
+    logits = images.numpy().reshape(64, 16).astype(np.float64) / 255 @ w.T + b
+    logp = logits - logits.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    y = labels.numpy()
+
+    def run(sync_every, criterion=torch.nn.functional.cross_entropy):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        return train.train_one_epoch(model, loader, opt, sched, criterion, prec.scaler(), prec, 0,
+                                     sync_every=sync_every)
+
+    for sync_every in (1, 3, 100):
+        got = run(sync_every)
+        assert abs(got["train_loss"] - (-logp[np.arange(64), y].mean())) < 1e-5
+        assert got["train_acc"] == (logits.argmax(1) == y).mean()
+
+    for sync_every, reported in ((1, "step 4;"), (3, "step 6 (checked every 3 steps)")):
+        calls = []
+
+        def nan_at_step_4(out, target):
+            calls.append(1)
+            loss = torch.nn.functional.cross_entropy(out, target)
+            return loss * float("nan") if len(calls) == 4 else loss
+
+        with pytest.raises(train.NonFiniteLoss, match=r"epoch 1 " + reported.replace("(", r"\(").replace(")", r"\)")):
+            run(sync_every, nan_at_step_4)

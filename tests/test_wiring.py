@@ -57,7 +57,7 @@ def test_trick_flags_reach_the_run(tmp_path, monkeypatch):
 
 
 def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypatch):
-    """--init (non-LSUV), --tta, --awp_start_epoch, --threads, --amp_dtype, --compile, --eval_interval."""
+    """--init (non-LSUV), --tta, --tta_shift, --awp_start_epoch, --threads, --amp_dtype, --compile, --eval_interval."""
     seen = {"evaluate": [], "epochs": []}
     orig_init, orig_eval, orig_epoch = train.init_weights, train.evaluate, train.train_one_epoch
 
@@ -67,7 +67,7 @@ def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypa
         seen["fc_std"] = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight.std().item()
 
     def spy_eval(*a, **kw):
-        seen["evaluate"].append(kw.get("tta"))
+        seen["evaluate"].append((kw.get("tta"), kw.get("tta_shift")))
         return orig_eval(*a, **kw)
 
     def spy_epoch(*a, **kw):
@@ -83,8 +83,8 @@ def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypa
     threads = torch.get_num_threads()
     out = tmp_path / "run"
     args = config.parse_args([*QUICK, "--epochs", "3", "--eval_subset", "64", "--output_dir", str(out),
-                              "--init", "xavier_uniform", "--tta", "--adv", "awp", "--awp_start_epoch", "1",
-                              "--threads", "1", "--amp", "--amp_dtype", "bf16", "--compile", "--eval_interval", "2"])
+                              "--init", "xavier_uniform", "--tta", "--tta_shift", "1", "--adv", "awp",
+                              "--awp_start_epoch", "1", "--threads", "1", "--amp", "--amp_dtype", "bf16", "--compile", "--eval_interval", "2"])
     try:
         train.main(args)
     finally:
@@ -97,8 +97,8 @@ def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypa
     first, second, third = seen["epochs"]
     assert first["awp"] is None and second["awp"] is not None and third["awp"] is not None
     assert all(e["dtype"] == torch.bfloat16 and e["threads"] == 1 and e["compiled"] for e in seen["epochs"])
-    # --eval_interval 2 over 3 epochs: evaluated after epochs 2 and 3, always with the flip TTA
-    assert seen["evaluate"] == [True, True]
+    # --eval_interval 2 over 3 epochs: evaluated after epochs 2 and 3, always with the flip + shift TTA
+    assert seen["evaluate"] == [(True, 1), (True, 1)]
     rows = (out / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert len(rows) == 4 and rows[1].split(",")[header.index("val_acc")] == ""
@@ -110,3 +110,5 @@ def test_eval_interval_with_plateau_is_refused(tmp_path):
         train.check_args(config.parse_args(["--scheduler", "plateau", "--eval_interval", "2"]))
     with pytest.raises(UserError, match="eval_interval"):
         train.check_args(config.parse_args(["--eval_interval", "0"]))
+    with pytest.raises(UserError, match="tta_shift"):
+        train.check_args(config.parse_args(["--tta_shift", "-1"]))

@@ -88,14 +88,32 @@ def make_precision(device, amp, amp_dtype="auto", channels_last=False):
     return Precision(device, dtype, bool(amp), bool(channels_last))
 
 
-def accuracy_counts(logits, target, topk=(1, 5)):
-    """Number of samples whose target is among the top-k predictions, for each k.
+def tta_views(x, flip=False, shift=0):
+    """Test-time views of a float NCHW batch in pixel space: the batch itself; with shift > 0 also the batch
+    translated by (+shift, +shift) and (-shift, -shift) pixels with zero fill (as --crop_padding pads); with
+    flip, each of those mirrored left-right too. Predictions average the logits over the views."""
+    views = [x]
+    if shift > 0:
+        h, w = x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+        views += [padded[..., :h, :w], padded[..., 2 * shift:2 * shift + h, 2 * shift:2 * shift + w]]
+    if flip:
+        views += [v.flip(3) for v in views]
+    return views
 
-    `target` may be class indices or soft targets (mixed batches): then the argmax counts.
-    """
+
+def topk_hits(logits, target, topk=(1, 5)):
+    """Number of samples whose target is among the top-k predictions, for each k, as 0-d tensors on the
+    logits' device (no host sync). `target` may be class indices or soft targets (mixed batches): then the
+    argmax counts."""
     if target.ndim == 2:
         target = target.argmax(dim=1)
     maxk = min(max(topk), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices
     hit = pred.eq(target[:, None])
-    return [hit[:, :min(k, maxk)].any(dim=1).sum().item() for k in topk]
+    return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
+
+
+def accuracy_counts(logits, target, topk=(1, 5)):
+    """topk_hits as Python ints."""
+    return [h.item() for h in topk_hits(logits, target, topk)]
