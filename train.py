@@ -162,6 +162,11 @@ def make_criterion(label_smoothing=0.0, class_weights=None):
     return functools.partial(F.cross_entropy, label_smoothing=label_smoothing, weight=class_weights)
 
 
+def tta_kwargs(args):
+    """evaluate()'s test-time augmentation keywords from the flags."""
+    return dict(tta=args.tta, tta_shift=args.tta_shift)
+
+
 def check_args(args):
     for name in ("batch_size", "epochs"):
         if getattr(args, name) <= 0:
@@ -232,8 +237,6 @@ def main(args, build_loss=None):
         summary = eval_only(args, data, prec, dist)
         dist_utils.cleanup()
         return summary
-
-    tta_kw = dict(tta=args.tta, tta_shift=args.tta_shift)
 
     # ---- model ------------------------------------------------------------------------------
     mcfg = model_config(args.model, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
@@ -321,12 +324,12 @@ def main(args, build_loss=None):
         row = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
         if last or (epoch + 1) % args.eval_interval == 0:
             report = last and not dist.enabled  # per-sample outputs for eval_report.md
-            val = evaluate(model, data.val_loader, prec, collect=report, **tta_kw, **adv_eval)
+            val = evaluate(model, data.val_loader, prec, collect=report, **tta_kwargs(args), **adv_eval)
             row.update(val_loss=val["loss"], val_acc=val["acc"], val_acc5=val["acc5"])
             if "robust_acc" in val:
                 row["robust_val_acc"] = val["robust_acc"]
             if ema is not None:
-                val_ema = evaluate(ema.module, data.val_loader, prec, **tta_kw)
+                val_ema = evaluate(ema.module, data.val_loader, prec, **tta_kwargs(args))
                 row.update(val_loss_ema=val_ema["loss"], val_acc_ema=val_ema["acc"])
         if not swa_on:
             sched.step_epoch(row.get("val_acc"))  # only plateau acts on it (check_args: evaluated every epoch)
@@ -391,7 +394,6 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist):
 def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_acc, train_seconds, extra):
     """summary.json: final/best accuracy, the averaged models (EMA, SWA) and the test split when separate."""
     final = history[-1]
-    tta_kw = dict(tta=args.tta, tta_shift=args.tta_shift)
     summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name,
                "epochs": args.epochs, "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
                "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
@@ -403,18 +405,18 @@ def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_a
     if swa is not None:
         swa.finalize(data.train_loader, prec.device)
         dist_utils.average_buffers(swa.module)  # each rank re-estimated BatchNorm on its own shard
-        summary["swa_val_acc"] = evaluate(swa.module, data.val_loader, prec, **tta_kw)["acc"]
+        summary["swa_val_acc"] = evaluate(swa.module, data.val_loader, prec, **tta_kwargs(args))["acc"]
         if data.test_loader is not None:
-            summary["test_acc_swa"] = evaluate(swa.module, data.test_loader, prec, **tta_kw)["acc"]
+            summary["test_acc_swa"] = evaluate(swa.module, data.test_loader, prec, **tta_kwargs(args))["acc"]
         elif data.val_name == "test":
             summary["test_acc_swa"] = summary["swa_val_acc"]
         if dist.is_main:
             save_checkpoint({"model": swa.module.state_dict(), "model_config": mcfg, "class_names": data.class_names,
                              "args": vars(args), "epoch": args.epochs}, os.path.join(args.output_dir, "swa.pt"))
     if data.test_loader is not None:
-        summary["test_acc"] = evaluate(model, data.test_loader, prec, **tta_kw)["acc"]
+        summary["test_acc"] = evaluate(model, data.test_loader, prec, **tta_kwargs(args))["acc"]
         if ema is not None:
-            summary["test_acc_ema"] = evaluate(ema.module, data.test_loader, prec, **tta_kw)["acc"]
+            summary["test_acc_ema"] = evaluate(ema.module, data.test_loader, prec, **tta_kwargs(args))["acc"]
     elif data.val_name == "test":
         summary["test_acc"] = final["val_acc"]  # the validation split is the official test split
         if ema is not None:
@@ -433,13 +435,12 @@ def eval_only(args, data, prec, dist):
         raise UserError(f"{args.ckpt} predicts {ckpt['model_config']['num_classes']} classes but the data has "
                         f"{data.num_classes}; evaluate it on the dataset it was trained on")
     model.to(prec.device)
-    tta_kw = dict(tta=args.tta, tta_shift=args.tta_shift)
     adv = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
-    res = evaluate(model, data.val_loader, prec, collect=not dist.enabled, **tta_kw, **adv)
+    res = evaluate(model, data.val_loader, prec, collect=not dist.enabled, **tta_kwargs(args), **adv)
     summary = {"ckpt": args.ckpt, "val_split": data.val_name, "val_acc": res["acc"], "val_acc5": res["acc5"],
                "val_loss": res["loss"], **({"robust_val_acc": res["robust_acc"]} if "robust_acc" in res else {})}
     if data.test_loader is not None:
-        summary["test_acc"] = evaluate(model, data.test_loader, prec, **tta_kw)["acc"]
+        summary["test_acc"] = evaluate(model, data.test_loader, prec, **tta_kwargs(args))["acc"]
     if dist.is_main:
         write_json(os.path.join(args.output_dir, "eval_summary.json"), summary)
         if "probs" in res:
