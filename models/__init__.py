@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.airnet import airnet, airnet_m, airnet_s
 from models.cbam import CBAM
 from models.coord_att import CoordAtt
 from models.eca import ECA
@@ -37,6 +38,9 @@ MODELS = {
     "wrn16_4": wrn16_4,
     "wrn16_8": wrn16_8,
     "wrn28_10": wrn28_10,
+    "airnet_s": airnet_s,           # airbench-style wide shallow nets: conv-pool-BN-GELU groups
+    "airnet_m": airnet_m,
+    "airnet": airnet,
     "mobilenetv2": mobilenetv2,
     "vgg_plain": vgg_plain,
     "mlp_teacher": mlp_teacher,

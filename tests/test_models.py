@@ -152,6 +152,48 @@ def test_cifar_resnet_param_counts(name, n):
         assert sum(p.numel() for p in model.parameters()) == cifar_resnet_params(n, in_chans, 10)
 
 
+def _airnet_by_hand(net, x):
+    """AirNet's eval forward written with torch.nn.functional ops from its parameters."""
+    def bn(t, m):
+        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+    x = F.gelu(F.conv2d(x, net.stem.weight, net.stem.bias, padding=1))
+    for g in net.groups:
+        x = F.gelu(bn(F.max_pool2d(F.conv2d(x, g.conv1.weight, padding=1), 2), g.bn1))
+        x = F.gelu(bn(F.conv2d(x, g.conv2.weight, padding=1), g.bn2))
+    return F.linear(x.amax(dim=(2, 3)), net.fc.weight, net.fc.bias)
+
+
+@pytest.mark.parametrize("name, widths", [("airnet_s", (32, 128, 128)), ("airnet_m", (64, 128, 256)),
+                                          ("airnet", (64, 256, 256))])
+def test_airnet_forward_params_and_flops_match_closed_form(name, widths):
+    torch.manual_seed(0)
+    model = build(name).eval()
+    net = model.net
+    for m in net.modules():             # non-trivial BN statistics and affines
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), _airnet_by_hand(net, x))
+
+    w1, w2, w3 = widths
+    params = (9 * 24 + 24) + (24 * w1 * 9 + w1 * w1 * 9 + 4 * w1) + (w1 * w2 * 9 + w2 * w2 * 9 + 4 * w2) \
+        + (w2 * w3 * 9 + w3 * w3 * 9 + 4 * w3) + (w3 * 10 + 10)
+    assert sum(p.numel() for p in model.parameters()) == params
+    # convs at 28 px (stem, group 1's first), then 14, 7, 3 after each 2x2 max-pool
+    macs = 28 * 28 * (9 * 24 + 24 * w1 * 9) + 14 * 14 * (w1 * w1 * 9 + w1 * w2 * 9) \
+        + 7 * 7 * (w2 * w2 * 9 + w2 * w3 * 9) + 3 * 3 * w3 * w3 * 9 + w3 * 10
+    assert model_summary(model, 1, 28) == (params, 2 * macs)
+
+
+def test_airnet_needs_8_px():
+    with pytest.raises(UserError, match="at least 8 px"):
+        build("airnet_s", img_size=7)
+
+
 def test_image_classifier_normalisation():
     torch.manual_seed(0)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -199,7 +241,7 @@ def test_acb_flag():
 def test_user_errors():
     with pytest.raises(UserError, match="resnet20.*mlp_student"):
         build("resnet21")
-    for name in ("vgg_plain", "mlp_teacher", "mlp_student", "repvgg_a0"):
+    for name in ("vgg_plain", "mlp_teacher", "mlp_student", "repvgg_a0", "airnet_m"):
         with pytest.raises(UserError, match=name):
             build(name, attention="se")
         with pytest.raises(UserError, match=name):
