@@ -17,7 +17,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "multistep", "exponential", "plateau", "cyclic", "onecycle",
               "cosine_restarts", "poly", "constant")
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
-         "orthogonal", "lsuv")
+         "orthogonal", "lsuv", "dirac")
 ATTENTIONS = ("none", "se", "cbam", "eca", "ca")
 ADVS = ("none", "fgsm", "pgd", "awp")
 AUTO_AUGMENTS = ("none", "autoaugment", "randaugment", "trivialaugment", "augmix")
@@ -81,6 +81,8 @@ def _add_optim_args(p):
     g.add_argument("--weight_decay", type=float, default=5e-4)
     g.add_argument("--no_bias_decay", action="store_true",
                    help="no weight decay on biases and norm parameters")
+    g.add_argument("--norm_bias_lr_scale", type=float, default=1.0,
+                   help="normalisation-layer biases train at lr x this and weight decay / this (airbench: 64)")
     g.add_argument("--lr_base_batch", type=int, default=0,
                    help="linear scaling rule: lr = lr * batch_size * world_size / B (0 = off)")
     g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global grad norm (0 = off)")
@@ -124,6 +126,8 @@ def _add_init_args(p):
     g.add_argument("--lsuv_max_iter", type=int, default=10)
     g.add_argument("--zero_init_residual", action="store_true",
                    help="set the last norm gamma of every residual branch to 0")
+    g.add_argument("--whiten_stem", action="store_true",
+                   help="first conv = frozen patch-whitening filters computed from 5,000 training images")
 
 
 def _add_averaging_args(p):
@@ -132,6 +136,9 @@ def _add_averaging_args(p):
     g.add_argument("--ema_decay", type=float, default=0.999, help="per optimizer step")
     g.add_argument("--ema_warmup", action="store_true",
                    help="ramp the decay up as min(decay, (1+n)/(10+n)) over early steps")
+    g.add_argument("--lookahead_k", type=int, default=0,
+                   help="Lookahead: every K optimizer steps pull slow weights towards the fast ones (0 = off)")
+    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead: slow-weight step size")
     g.add_argument("--swa", action="store_true", help="stochastic weight averaging")
     g.add_argument("--swa_start", type=int, default=0, help="epoch from which SWA averages")
     g.add_argument("--swa_lr", type=float, default=0.05)
@@ -141,6 +148,9 @@ def _add_averaging_args(p):
 def _add_aug_args(p):
     g = p.add_argument_group("augmentation (per sample)")
     g.add_argument("--hflip", type=float, default=0.0, metavar="P")
+    g.add_argument("--hflip_mode", default="random", choices=("random", "alternate"),
+                   help="alternate (in-memory data, --hflip 0.5): each image is flipped in every other epoch, "
+                        "starting from a seeded random half (airbench)")
     g.add_argument("--vflip", type=float, default=0.0, metavar="P")
     g.add_argument("--rotate", type=float, default=0.0, metavar="DEG")
     g.add_argument("--crop_padding", type=int, default=0, metavar="PX",

@@ -25,7 +25,8 @@ from utils.awp import AWP
 from utils.checkpoint import get_rng_state, load_checkpoint, load_model, load_state, save_checkpoint, set_rng_state
 from utils.ema import ModelEMA
 from utils.errors import UserError, run_cli
-from utils.init import init_weights, lsuv_init, zero_init_residual
+from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
+from utils.lookahead import Lookahead
 from utils.logger import setup_logging
 from utils.misc import accuracy_counts, make_precision, resolve_device, seed_everything, topk_hits, tta_views
 from utils.mix import build_mixer
@@ -54,7 +55,7 @@ def _non_finite(epoch, step, sync_every):
 
 def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, epoch, *, mix=None,
                     attack=None, attack_loss=None, awp=None, ema=None, unwrapped=None, step_sched=True,
-                    clip_grad=0.0, teacher=None, progress=False, sync_every=None):
+                    clip_grad=0.0, teacher=None, progress=False, sync_every=None, lookahead=None):
     """One pass over the training data. Each trick enters at one visible call point.
 
     `model` may be DDP/compile-wrapped; `unwrapped` is the plain module (EMA source, attack target).
@@ -102,6 +103,8 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         scaler.update()
         if step_sched:
             sched.step()  # per-iteration schedule (SWA sets the lr per epoch instead)
+        if lookahead is not None:
+            lookahead.step()  # every k-th step: slow += alpha (fast - slow); fast = slow
         if ema is not None:
             ema.update(unwrapped)
 
@@ -160,6 +163,22 @@ def evaluate(model, loader, prec, *, tta=False, tta_shift=0, adv_eps=0.0, adv_st
 def make_criterion(label_smoothing=0.0, class_weights=None):
     """Cross-entropy on class indices or soft targets; the one place label smoothing is applied."""
     return functools.partial(F.cross_entropy, label_smoothing=label_smoothing, weight=class_weights)
+
+
+def whitening_batch(data, seed, n=5000):
+    """Up to n training images (uint8) for --whiten_stem: a seeded random subset of an in-memory split, else
+    the first (augmented) batches of the training loader."""
+    if data.train_images is not None:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data.train_images), generator=g)[:n]
+        return data.train_images[idx.to(data.train_images.device)]
+    batches, count = [], 0
+    for x, _ in data.train_loader:
+        batches.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    return torch.cat(batches)[:n]
 
 
 def tta_kwargs(args):
@@ -252,6 +271,9 @@ def main(args, build_loss=None):
         init_weights(model, args.init, args.init_mode, args.init_nonlinearity)
     if args.zero_init_residual:
         log.info(f"zero-init residual: {zero_init_residual(model)} blocks")  # after LSUV, which resets norms
+    if args.whiten_stem:
+        name, eigvals = whiten_stem(model, whitening_batch(data, args.seed).to(prec.device).float().div(255))
+        log.info(f"whitened and froze {name}: patch eigenvalues {eigvals.max():.3g} .. {eigvals.min():.3g}")
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
     dist_utils.broadcast_module(model)  # ranks seed differently: all start (and EMA/SWA copy) rank 0's init
@@ -271,6 +293,7 @@ def main(args, build_loss=None):
 
     # ---- tricks: each is an object or None ---------------------------------------------------
     ema = ModelEMA(model, args.ema_decay, args.ema_warmup) if args.ema else None  # before DDP/compile
+    lookahead = Lookahead(model, args.lookahead_k, args.lookahead_alpha) if args.lookahead_k else None
     swa = SWA(model, optimizer, args.swa_start, args.swa_lr, args.swa_anneal_epochs) if args.swa else None
     mix = build_mixer(args, data.num_classes)
     for line in describe_aug(args):
@@ -285,7 +308,7 @@ def main(args, build_loss=None):
     start_epoch, best_acc, history, train_seconds = 0, 0.0, [], 0.0
     if args.resume:
         start_epoch, best_acc, history, train_seconds = restore_run(
-            args.resume, mcfg, model, optimizer, sched, scaler, ema, swa, dist)
+            args.resume, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead)
 
     # ---- wrappers: DDP and compile see the model; EMA/checkpoints keep the unwrapped one --------
     train_model = model
@@ -318,7 +341,7 @@ def main(args, build_loss=None):
             attack=attack, attack_loss=attack_loss,
             awp=awp if awp is not None and epoch >= args.awp_start_epoch else None,
             ema=ema, unwrapped=model, step_sched=not swa_on, clip_grad=args.clip_grad,
-            teacher=teacher, progress=progress)
+            teacher=teacher, progress=progress, lookahead=lookahead)
         train_seconds += stats["epoch_seconds"]
         last = epoch + 1 == args.epochs
         row = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
@@ -346,6 +369,7 @@ def main(args, build_loss=None):
                     "args": vars(args), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                     "swa": swa.state_dict() if swa is not None else None, "epoch": epoch + 1,
+                    "lookahead": lookahead.state_dict() if lookahead is not None else None,
                     "rng": rng[0], "rng_ranks": rng if dist.enabled else None, "best_val_acc": best_acc,
                     "metrics": {"history": history, "train_seconds": train_seconds}}
             save_checkpoint(ckpt, os.path.join(args.output_dir, "last.pt"))
@@ -366,7 +390,7 @@ def main(args, build_loss=None):
     return summary
 
 
-def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist):
+def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead=None):
     """--resume: load every piece of state back; returns (start_epoch, best_acc, history, train_seconds)."""
     ckpt = load_checkpoint(path)
     if ckpt["model_config"] != mcfg:
@@ -381,6 +405,8 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist):
         ema.load_state_dict(ckpt["ema"])
     if swa is not None and ckpt.get("swa"):
         swa.load_state_dict(ckpt["swa"])
+    if lookahead is not None and ckpt.get("lookahead"):
+        lookahead.load_state_dict(ckpt["lookahead"])
     rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if len(rng) == dist.world_size:
         set_rng_state(rng[dist.rank])  # each rank continues its own augmentation stream

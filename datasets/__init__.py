@@ -146,6 +146,9 @@ def _check_flags(args):
         raise UserError(f"--workers {args.workers} must be 0 (load in the main process) or more")
     if args.img_size is not None and args.img_size < 1:
         raise UserError(f"--img_size {args.img_size} must be a positive number of pixels")
+    if args.hflip_mode == "alternate" and args.dataset not in IN_MEMORY:
+        raise UserError(f"--hflip_mode alternate needs an in-memory dataset ({', '.join(IN_MEMORY)}); "
+                        f"use --hflip_mode random with --dataset {args.dataset}")
 
 
 def build_data(args, rank=0, world_size=1, device="cpu"):
@@ -174,7 +177,8 @@ def build_data(args, rank=0, world_size=1, device="cpu"):
         train_loader = InMemoryLoader(train_items, train_labels, args.batch_size, shuffle=True,
                                       seed=args.seed, drop_last=True,
                                       batch_aug=build_batch_augment(args, in_chans), rank=rank,
-                                      world_size=world_size, device=device, sampler_weights=weights)
+                                      world_size=world_size, device=device, sampler_weights=weights,
+                                      alternate_flip=args.hflip_mode == "alternate")
 
         def eval_loader(split):
             return InMemoryLoader(split[0], split[1], args.batch_size, shuffle=False, seed=args.seed,

@@ -59,7 +59,8 @@ class InMemoryLoader:
     """Yields (x uint8 NCHW, y int64) batches from tensors held in memory (on `device` if not CPU)."""
 
     def __init__(self, images_uint8, labels, batch_size, shuffle, seed, drop_last=False,
-                 batch_aug=None, rank=0, world_size=1, device="cpu", sampler_weights=None):
+                 batch_aug=None, rank=0, world_size=1, device="cpu", sampler_weights=None,
+                 alternate_flip=False):
         if images_uint8.dtype != torch.uint8:
             raise TypeError(f"images must be uint8, got {images_uint8.dtype}")
         device = torch.device(device)
@@ -70,6 +71,12 @@ class InMemoryLoader:
         self.batch_aug, self.rank, self.world_size = batch_aug, rank, world_size
         self.weights = sampler_weights
         self.epoch = 0
+        # Alternating flips (airbench): image i is mirrored in epoch e iff flip_bits[i] xor (e odd), so every
+        # image is seen both ways in any two consecutive epochs; the bits are a seeded random half.
+        self.flip_bits = None
+        if alternate_flip:
+            g = torch.Generator().manual_seed(seed + 0x5EED)
+            self.flip_bits = torch.randint(0, 2, (len(self.labels),), generator=g, dtype=torch.bool).to(device)
         train = shuffle or sampler_weights is not None
         count = shard_size(len(self.labels), train, rank, world_size)
         self.num_batches = _num_batches(count, batch_size, drop_last)
@@ -86,6 +93,9 @@ class InMemoryLoader:
         for b in range(self.num_batches):
             j = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[j]
+            if self.flip_bits is not None:
+                flip = self.flip_bits[j] ^ bool(self.epoch % 2)
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
             if self.batch_aug is not None:
                 x = self.batch_aug(x)
             yield x, self.labels[j]

@@ -35,6 +35,9 @@ def validate(args):
         p = getattr(args, name)
         if not 0.0 <= p <= 1.0:
             raise UserError(f"--{name} {p} is not a probability; give a value in [0, 1]")
+    if args.hflip_mode == "alternate" and args.hflip != 0.5:
+        raise UserError(f"--hflip_mode alternate flips each image in every other epoch (half of them each "
+                        f"epoch); use it with --hflip 0.5 (got {args.hflip})")
     if args.rotate < 0:
         raise UserError(f"--rotate {args.rotate} is negative; give the maximum angle in degrees (>= 0)")
     if args.crop_padding < 0:
@@ -80,6 +83,8 @@ def describe(args):
     for name in ("hflip", "vflip", "blur", "perspective", "random_erasing"):
         if getattr(args, name) > 0:
             on.append(f"{name} p={getattr(args, name)}")
+    if args.hflip > 0 and args.hflip_mode == "alternate":
+        on.append("hflip alternating: each image mirrored in every other epoch")
     if args.rotate > 0:
         on.append(f"rotate +-{args.rotate} deg")
     if args.affine is not None:
@@ -129,7 +134,7 @@ def _v2_ops(args, in_chans, h, w):
             (h, w), scale=(args.random_resized_crop, 1.0), ratio=RRC_RATIO, antialias=True)))
     if args.crop_padding > 0:
         ops.append(("crop_padding", v2.RandomCrop((h, w), padding=args.crop_padding)))
-    if args.hflip > 0:
+    if args.hflip > 0 and args.hflip_mode == "random":  # alternate: the loader flips
         ops.append(("hflip", v2.RandomHorizontalFlip(args.hflip)))
     if args.vflip > 0:
         ops.append(("vflip", v2.RandomVerticalFlip(args.vflip)))
@@ -237,7 +242,7 @@ def build_imgaug_sequence(args, in_chans, h, w):
         # an integer shift in [-PX, PX] per axis with zero fill is exactly a random crop after padding
         p = args.crop_padding
         augs.append(iaa.Affine(translate_px={"x": (-p, p), "y": (-p, p)}, order=0, cval=0))
-    if args.hflip > 0:
+    if args.hflip > 0 and args.hflip_mode == "random":  # alternate: the loader flips
         augs.append(iaa.Fliplr(args.hflip))
     if args.vflip > 0:
         augs.append(iaa.Flipud(args.vflip))

@@ -2,7 +2,8 @@
 GPU", 2024): a stem conv, then three groups of conv3x3 -> 2x2 max-pool -> BN -> GELU -> conv3x3 -> BN -> GELU,
 a global max-pool and a linear head: few layers at high width. On Fashion-MNIST here airnet_m learns faster
 per epoch than ResNet-20 (README "Best-accuracy recipe"). Deviations from airbench: a 3x3 padded stem conv
-(learned, not frozen-whitened), trainable BN scales, no logit scaling. Under --acb each conv1/bn1 pair becomes
+(learned unless --whiten_stem freezes it to patch-whitening filters: 2 x 9 of its 24 for 1-channel input),
+trainable BN scales, no logit scaling. Under --acb each conv1/bn1 pair becomes
 one ACBlock, so a group's first BN moves ahead of its max-pool (the re-parameterised model stays exact).
 
 airnet_s: widths 32/128/128; airnet_m: 64/128/256; airnet: 64/256/256 (airbench94's widths).

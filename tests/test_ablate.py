@@ -281,3 +281,16 @@ def test_real_runs_table_rerun_and_failure(tmp_path):
     assert [r["name"] for r in json.loads((out / "ablation.json").read_text())["variants"]] == ["baseline", "broken"]
     assert "broken seed 0: error: --swa_start 5 must be below --epochs 1" in md
     assert {p: p.stat().st_mtime_ns for p in others} == others
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml")))
+def test_every_shipped_config_validates(name, tmp_path):
+    """Ablation specs resolve every run; train configs parse and pass train.py's flag checks."""
+    import train
+    path = os.path.join(ROOT, "configs", name)
+    if name.startswith("ablation_"):
+        spec = ablate.load_spec(path)
+        variants, runs = ablate.plan(spec, str(tmp_path / "o"), ablate.seed_list(spec["seeds"]), 1)
+        assert len(runs) == len(variants) * len(ablate.seed_list(spec["seeds"]))
+    else:
+        train.check_args(config.parse_args(["--config", path]))

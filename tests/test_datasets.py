@@ -436,6 +436,46 @@ def test_in_memory_loader_order_per_epoch():
     assert seen(aug) == [255 - i for i in range(n)]
 
 
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    # Image i holds its index in pixel (0, 0) and 255 in pixel (0, 1): a flip swaps them.
+    n = 40
+    images = torch.zeros(n, 1, 1, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    images[:, 0, 0, 1] = 255
+    loader = InMemoryLoader(images, torch.arange(n), 8, shuffle=True, seed=3, alternate_flip=True)
+
+    def flipped_by_image(epoch):
+        loader.set_epoch(epoch)
+        out = {}
+        for x, y in loader:
+            for img, label in zip(x, y):
+                was_flipped = img[0, 0, 0].item() == 255
+                assert img[0, 0, int(was_flipped)].item() == label.item()  # the pixels moved, intact
+                out[label.item()] = was_flipped
+        return out
+
+    e0, e1, e2 = flipped_by_image(0), flipped_by_image(1), flipped_by_image(2)
+    assert set(e0) == set(e1) == set(e2) == set(range(n))
+    assert all(e0[i] != e1[i] and e0[i] == e2[i] for i in e0)
+    assert 0 < sum(e0.values()) < len(e0)  # a random half, not all or none
+    # The bits are a seeded draw over global image indices: a DDP shard's loader flips the same images.
+    shard = InMemoryLoader(images, torch.arange(n), 8, shuffle=True, seed=3, alternate_flip=True, rank=1,
+                           world_size=2)
+    assert torch.equal(shard.flip_bits, loader.flip_bits)
+
+
+def test_alternating_flip_flags():
+    args = config.parse_args(["--hflip", "0.5", "--hflip_mode", "alternate"])
+    from datasets.transforms import _v2_ops, build_batch_augment, describe
+    assert "hflip" not in [name for name, _ in _v2_ops(args, 1, 8, 8)]  # the loader flips, not the pipeline
+    assert any("alternating" in line for line in describe(args))
+    with pytest.raises(UserError, match="--hflip 0.5"):
+        build_batch_augment(config.parse_args(["--hflip", "0.3", "--hflip_mode", "alternate"]), 1)
+    with pytest.raises(UserError, match="in-memory"):
+        datasets.build_data(config.parse_args(["--dataset", "imagefolder", "--data_dir", "/nonexistent", "--hflip", "0.5",
+                                      "--hflip_mode", "alternate"]))
+
+
 def test_ddp_sharding():
     n, ws = 10, 3
     ranks = [InMemoryLoader(index_images(n), torch.arange(n), 2, shuffle=False, seed=0, rank=r,

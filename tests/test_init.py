@@ -59,7 +59,7 @@ def _mixed_net():
     return net
 
 
-@pytest.mark.parametrize("init", [i for i in INITS if i != "default"])
+@pytest.mark.parametrize("init", [i for i in INITS if i not in ("default", "dirac")])  # dirac: own tests
 def test_biases_zero_and_norms_identity(init):
     net = _mixed_net()
     assert init_weights(net, init) == 2
@@ -188,3 +188,74 @@ def test_zero_init_residual_makes_every_branch_zero():
 def test_zero_init_residual_without_blocks_is_an_error():
     with pytest.raises(UserError, match="no residual blocks"):
         zero_init_residual(nn.Sequential(nn.Conv2d(1, 4, 3)))
+
+
+def test_dirac_init_makes_the_first_filters_an_identity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.Conv2d(6, 3, 5, padding=2, bias=False))
+    rest = model[0].weight[4:].detach().clone()
+    assert init_weights(model, "dirac") == 2
+    x = torch.randn(2, 4, 7, 7)
+    y = model[0](x)
+    torch.testing.assert_close(y[:, :4], x)  # in <= out: filters 0..3 pass their input channel through
+    torch.testing.assert_close(model[0].weight[4:], rest)  # the others keep their init
+    z = torch.randn(2, 6, 7, 7)
+    torch.testing.assert_close(model[1](z), z[:, :3])  # in > out: output i = input channel i
+
+
+def test_dirac_without_convs_is_an_error():
+    with pytest.raises(UserError, match="dirac"):
+        init_weights(nn.Linear(3, 2), "dirac")
+
+
+def _whiten_net(out_channels):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, out_channels, 3, padding=1), nn.ReLU(), nn.Conv2d(out_channels, 4, 3))
+
+
+def _correlated_images(n=400):
+    # Smooth images (box-blurred noise) so neighbouring pixels correlate and the patch covariance is far from I.
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 14, 14, generator=g)
+    return torch.nn.functional.avg_pool2d(x, 3, 1, 1) * 0.7 + 0.1
+
+
+def test_whiten_stem_filters_whiten_the_patches():
+    from utils.init import whiten_stem
+    model, x, eps = _whiten_net(24), _correlated_images(), 5e-4
+    rest = model[0].weight[18:].detach().clone()
+    name, eigvals = whiten_stem(model, x, eps)
+    assert name == "0" and eigvals.shape == (9,) and not model[0].weight.requires_grad
+    assert model[0].bias.requires_grad and model[2].weight.requires_grad
+    # Independent computation in numpy: covariance of all 3x3 patches (no padding).
+    import numpy as np
+    xs = x.numpy().astype(np.float64)[:, 0]
+    patches = np.stack([xs[:, i:i + 12, j:j + 12] for i in range(3) for j in range(3)], -1).reshape(-1, 9)
+    cov = np.cov(patches, rowvar=False)
+    lam = np.sort(np.linalg.eigvalsh(cov))[::-1]
+    np.testing.assert_allclose(eigvals.numpy(), lam, rtol=1e-6, atol=1e-10)
+    w = model[0].weight.detach().double().flatten(1).numpy()  # (24, 9), flattened like the patches
+    white = w[:9] @ cov @ w[:9].T
+    np.testing.assert_allclose(white, np.diag(lam / (lam + eps)), atol=1e-6)  # ~ identity, decorrelated
+    np.testing.assert_allclose(w[9:18], -w[:9])  # the negated copies
+    torch.testing.assert_close(model[0].weight[18:], rest)  # filters beyond 2 * 9 keep their init
+    # The bias centres the outputs: mean over all patches of w . p + b is 0.
+    b = model[0].bias.detach().double().numpy()
+    np.testing.assert_allclose((patches @ w.T + b)[:, :18].mean(0), 0, atol=1e-6)
+
+
+def test_whiten_stem_with_fewer_filters_keeps_the_top_eigenvectors():
+    from utils.init import whiten_stem
+    model, x = _whiten_net(6), _correlated_images()
+    _, eigvals = whiten_stem(model, x, 0.0)
+    w = model[0].weight.detach().double().flatten(1)
+    # Three pairs: filter norms are 1 / sqrt(l_i) for the three largest eigenvalues.
+    torch.testing.assert_close(w[:3].norm(dim=1), 1 / eigvals[:3].sqrt(), rtol=1e-6, atol=0)
+    with pytest.raises(UserError, match="at least 2"):
+        whiten_stem(_whiten_net(1), x)
+
+
+def test_whiten_stem_without_a_conv_is_an_error():
+    from utils.init import whiten_stem
+    with pytest.raises(UserError, match="no Conv2d"):
+        whiten_stem(nn.Sequential(nn.Flatten(), nn.Linear(196, 2)), torch.rand(4, 1, 14, 14))

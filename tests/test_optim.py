@@ -104,3 +104,38 @@ def test_scaled_lr():
     assert scaled_lr(_args("--lr", "0.1", "--batch_size", "64"), 8) == 0.1  # 0 = off
     with pytest.raises(UserError, match="lr_base_batch"):
         scaled_lr(_args("--lr_base_batch", "-1"), 1)
+
+
+def test_norm_bias_lr_scale_moves_bn_biases_to_a_faster_group():
+    net = _net()
+    conv, bn, fc = net[0], net[1], net[5]
+    opt = build_optimizer(net, _args("--weight_decay", "0.01", "--norm_bias_lr_scale", "64"), lr=0.1)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.1, 0.01), (0.1 * 64, 0.01 / 64)]
+    assert _ids(opt.param_groups[1]["params"]) == _ids([bn.bias])
+    assert _ids(opt.param_groups[0]["params"]) == _ids([conv.weight, conv.bias, bn.weight, fc.weight, fc.bias])
+    # With --no_bias_decay the moved bias keeps weight decay 0.
+    opt = build_optimizer(net, _args("--weight_decay", "0.01", "--no_bias_decay", "--norm_bias_lr_scale", "8"),
+                          lr=0.1)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.1, 0.01), (0.1, 0.0), (0.8, 0.0)]
+
+
+def test_norm_bias_lr_scale_step_matches_plain_sgd_by_hand():
+    # Plain SGD with L2: p <- p - lr * (g + wd * p). The BN bias uses lr * S and wd / S, so its decay term
+    # lr * wd is unchanged and its gradient step is S times larger.
+    net = _net()
+    opt = build_optimizer(net, _args("--weight_decay", "0.1", "--momentum", "0", "--no-nesterov",
+                                     "--norm_bias_lr_scale", "4"), lr=0.05)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 0.3)
+    opt.step()
+    for n, p in net.named_parameters():
+        lr, wd = (0.05 * 4, 0.1 / 4) if n == "1.bias" else (0.05, 0.1)
+        torch.testing.assert_close(p.detach(), before[n] - lr * (0.3 + wd * before[n]))
+
+
+def test_bad_norm_bias_lr_scale_is_a_user_error():
+    with pytest.raises(UserError, match="> 0"):
+        build_optimizer(_net(), _args("--norm_bias_lr_scale", "0"), 0.1)
+    with pytest.raises(UserError, match="no normalisation-layer biases"):
+        build_optimizer(nn.Linear(3, 2), _args("--norm_bias_lr_scale", "2"), 0.1)

@@ -46,7 +46,8 @@ def test_smoke_run_writes_every_output(tmp_path):
 
 def test_kill_and_resume_gives_identical_weights(tmp_path):
     flags = [*QUICK, "--epochs", "3", "--deterministic", "--train_subset", "1024", "--hflip", "0.5",
-             "--crop_padding", "2", "--mixup_alpha", "0.2", "--ema", "--ema_warmup"]
+             "--crop_padding", "2", "--mixup_alpha", "0.2", "--ema", "--ema_warmup",
+             "--lookahead_k", "3"]  # 16 steps per epoch: each epoch ends between two lookahead pulls
     full, killed = tmp_path / "full", tmp_path / "killed"
     r = run_script(["train.py", *flags, "--output_dir", str(full)])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -71,6 +72,9 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     for k in a["ema"]["module"]:  # the EMA continues with its step count
         assert torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]), k
     assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
+    assert a["lookahead"]["steps"] == b["lookahead"]["steps"] == 48
+    for sa, sb in zip(a["lookahead"]["slow"], b["lookahead"]["slow"]):
+        assert torch.equal(sa, sb)
     assert len(b["metrics"]["history"]) == 3
 
 

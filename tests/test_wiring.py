@@ -112,3 +112,33 @@ def test_eval_interval_with_plateau_is_refused(tmp_path):
         train.check_args(config.parse_args(["--eval_interval", "0"]))
     with pytest.raises(UserError, match="tta_shift"):
         train.check_args(config.parse_args(["--tta_shift", "-1"]))
+
+
+def test_airbench_flags_reach_the_run(tmp_path, monkeypatch):
+    """--whiten_stem (frozen through training), --init dirac, --norm_bias_lr_scale."""
+    from utils.init import whiten_stem
+    seen = {}
+    orig_whiten = train.whiten_stem
+
+    def spy_whiten(model, batch):
+        seen["batch"] = batch.clone()
+        result = orig_whiten(model, batch)
+        seen["stem"] = model.net.stem.weight.detach().clone()
+        return result
+
+    monkeypatch.setattr(train, "whiten_stem", spy_whiten)
+    out = tmp_path / "run"
+    args = config.parse_args([*QUICK, "--model", "airnet_s", "--output_dir", str(out), "--whiten_stem",
+                              "--init", "dirac", "--norm_bias_lr_scale", "16", "--weight_decay", "0.01"])
+    train.main(args)
+    assert seen["batch"].shape == (512, 1, 28, 28)  # all of the 512-image subset (< 5,000)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    # Frozen: the trained stem is the stem right after whitening, and its 2 x 9 whitening filters equal a
+    # fresh whitening of that batch.
+    torch.testing.assert_close(ckpt["model"]["net.stem.weight"], seen["stem"].cpu())
+    fresh = train.build_model(**{k: v for k, v in ckpt["model_config"].items() if k != "reparameterized"})
+    whiten_stem(fresh, seen["batch"].cpu())
+    torch.testing.assert_close(seen["stem"][:18].cpu(), fresh.net.stem.weight.detach()[:18])
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [(g["weight_decay"]) for g in groups] == [0.01, 0.01 / 16]
+    assert groups[1]["initial_lr"] == 16 * groups[0]["initial_lr"]

@@ -2,6 +2,10 @@
 LSUV (Mishkin & Matas 2016), zero-γ residual branches (Goyal et al. 2017). Gain = calculate_gain(nonlinearity);
 biases 0, norm layers weight 1 / bias 0. LSUV measures in train mode (BN on batch statistics) and puts the BN
 running statistics back afterwards.
+Dirac (airbench, Jordan 2024): every square-kernel conv's first min(in, out) filters become the identity
+(nn.init.dirac_), the others keep the model's own init; biases and norms are left alone.
+Patch-whitening stem (airbench): the first conv's filters become the eigenvectors of the covariance of its
+input patches, scaled by 1 / sqrt(eigenvalue + eps), and their negatives; the weight is then frozen.
 """
 import logging
 import math
@@ -13,7 +17,8 @@ from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "lsuv")
+INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "lsuv",
+         "dirac")
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
@@ -51,6 +56,8 @@ def init_weights(model, init, mode="fan_in", nonlinearity="relu"):
                         f"{', '.join(NONLINEARITIES)}") from None
     if init == "default":
         return 0
+    if init == "dirac":
+        return _dirac_init(model)
     n = 0
     for m in model.modules():
         if isinstance(m, _WEIGHTED):
@@ -64,6 +71,78 @@ def init_weights(model, init, mode="fan_in", nonlinearity="relu"):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
     return n
+
+
+def _dirac_init(model):
+    """Partial identity init of every conv with a square odd kernel and groups == 1; returns how many."""
+    n = 0
+    for m in model.modules():
+        if (isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size[0] == m.kernel_size[1]
+                and m.kernel_size[0] % 2 == 1):
+            nn.init.dirac_(m.weight[:min(m.in_channels, m.out_channels)])
+            n += 1
+    if n == 0:
+        raise UserError("--init dirac: this model has no square-kernel Conv2d layers; choose another --init")
+    return n
+
+
+def first_conv(model, batch):
+    """(name, module, its input on `batch`) of the first Conv2d the forward pass calls."""
+    seen = []
+
+    def hook(mod, inp):
+        seen.append((mod, inp[0].detach()))
+        raise _Stop
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model(batch)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise UserError("--whiten_stem: the model calls no Conv2d; drop the flag")
+    conv, x = seen[0]
+    name = next(n for n, m in model.named_modules() if m is conv)
+    return name, conv, x
+
+
+@torch.no_grad()
+def whiten_stem(model, batch, eps=5e-4):
+    """Set the first conv's filters to the patch-whitening basis of `batch` (float pixels in [0, 1]) and freeze
+    its weight. For d = in_channels * kh * kw patch dimensions with covariance eigenpairs (l_i, v_i), filter i is
+    v_i / sqrt(l_i + eps) and filter d + i its negative, largest eigenvalues first; a conv with fewer than 2d
+    filters gets the top out/2 pairs, one with more keeps its own init for the rest. The bias (if any) stays
+    trainable and is set to centre the outputs. Returns (layer name, eigenvalues in descending order)."""
+    was_training = model.training
+    model.eval()
+    try:
+        name, conv, x = first_conv(model, batch)
+    finally:
+        model.train(was_training)
+    if conv.groups != 1:
+        raise UserError(f"--whiten_stem: the first conv {name} is grouped; drop the flag")
+    patches = torch.nn.functional.unfold(x.double(), conv.kernel_size, dilation=conv.dilation)  # (N, d, L)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    mean = patches.mean(0)
+    cov = torch.cov(patches.T)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
+    d = eigvals.numel()
+    pairs = min(d, conv.out_channels // 2)
+    if pairs == 0:
+        raise UserError(f"--whiten_stem: the first conv {name} has {conv.out_channels} filter(s); "
+                        f"whitening needs at least 2")
+    filters = (eigvecs[:, :pairs] / torch.sqrt(eigvals[:pairs] + eps)).T  # (pairs, d)
+    filters = torch.cat([filters, -filters])
+    w = conv.weight
+    w[:2 * pairs] = filters.reshape(2 * pairs, *w.shape[1:]).to(w.dtype)
+    if conv.bias is not None:
+        conv.bias[:2 * pairs] = -(filters @ mean).to(conv.bias.dtype)
+    w.requires_grad_(False)
+    return name, eigvals
 
 
 def zero_init_residual(model):

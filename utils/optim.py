@@ -1,9 +1,12 @@
 """Optimiser by name (SGD with momentum/Nesterov, Adam, AdamW), no bias decay, and the linear scaling rule.
 No bias decay: biases and norm parameters (ndim <= 1) get weight_decay 0 (Bag of Tricks, He et al. 2019).
 Linear scaling rule: lr proportional to the global batch size (Goyal et al. 2017).
+Norm-bias lr scale (airbench, Jordan 2024): normalisation-layer biases get lr x S and weight decay / S, so their
+decay per step (lr x wd) is unchanged while they move S times faster.
 For adam/adamw, --momentum is beta1 (0.9, Adam's default); --nesterov applies to SGD only.
 """
 import torch
+from torch import nn
 
 from utils.errors import UserError
 
@@ -19,12 +22,37 @@ def param_groups_no_bias_decay(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def scale_norm_bias_lr(groups, model, lr, scale):
+    """Move the normalisation-layer biases out of `groups` into their own group with lr * scale and each
+    one's weight decay / scale."""
+    if scale <= 0:
+        raise UserError(f"--norm_bias_lr_scale must be > 0 (got {scale:g}); 1 turns it off")
+    biases = {id(m.bias) for m in model.modules() if isinstance(m, _NORMS) and getattr(m, "bias", None) is not None}
+    if not biases:
+        raise UserError("--norm_bias_lr_scale: this model has no normalisation-layer biases; drop the flag")
+    out, moved = [], {}
+    for g in groups:
+        keep = [p for p in g["params"] if id(p) not in biases]
+        for p in g["params"]:
+            if id(p) in biases:
+                moved.setdefault(g["weight_decay"], []).append(p)
+        if keep:
+            out.append({**g, "params": keep})
+    out += [{"params": ps, "lr": lr * scale, "weight_decay": wd / scale} for wd, ps in moved.items()]
+    return out
+
+
 def build_optimizer(model, args, lr):
     """--opt over the model's trainable parameters with peak learning rate `lr` (see `scaled_lr`)."""
     if args.no_bias_decay:
         params = param_groups_no_bias_decay(model, args.weight_decay)
     else:
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}]
+    if args.norm_bias_lr_scale != 1:
+        params = scale_norm_bias_lr(params, model, lr, args.norm_bias_lr_scale)
     if args.opt == "sgd":
         if args.nesterov and args.momentum <= 0:
             raise UserError("Nesterov SGD needs --momentum > 0; pass a momentum or --no-nesterov")
