@@ -142,3 +142,13 @@ def test_airbench_flags_reach_the_run(tmp_path, monkeypatch):
     groups = ckpt["optimizer"]["param_groups"]
     assert [(g["weight_decay"]) for g in groups] == [0.01, 0.01 / 16]
     assert groups[1]["initial_lr"] == 16 * groups[0]["initial_lr"]
+
+
+def test_alternating_flip_reaches_the_training_loader():
+    from datasets import build_data
+    args = config.parse_args([*QUICK, "--hflip", "0.5", "--hflip_mode", "alternate"])
+    data = build_data(args)
+    assert data.train_loader.flip_bits is not None and data.train_loader.flip_bits.shape == (512,)
+    assert data.val_loader.flip_bits is None  # evaluation never flips
+    plain = build_data(config.parse_args([*QUICK, "--hflip", "0.5"]))
+    assert plain.train_loader.flip_bits is None
