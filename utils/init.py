@@ -22,7 +22,7 @@ INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaimi
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 def _init_weight(w, init, mode, nonlinearity, gain):
@@ -65,7 +65,7 @@ def init_weights(model, init, mode="fan_in", nonlinearity="relu"):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
             n += 1
-        elif isinstance(m, _NORMS):
+        elif isinstance(m, NORM_LAYERS):
             if getattr(m, "weight", None) is not None:
                 nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
@@ -113,8 +113,8 @@ def first_conv(model, batch):
 def whiten_stem(model, batch, eps=5e-4):
     """Set the first conv's filters to the patch-whitening basis of `batch` (float pixels in [0, 1]) and freeze
     its weight. For d = in_channels * kh * kw patch dimensions with covariance eigenpairs (l_i, v_i), filter i is
-    v_i / sqrt(l_i + eps) and filter d + i its negative, largest eigenvalues first; a conv with fewer than 2d
-    filters gets the top out/2 pairs, one with more keeps its own init for the rest. The bias (if any) stays
+    v_i / sqrt(l_i + eps) and filter P + i its negative (P = min(d, out // 2) pairs, largest eigenvalues
+    first); filters beyond 2P keep their own init. The bias (if any) stays
     trainable and is set to centre the outputs. Returns (layer name, eigenvalues in descending order)."""
     was_training = model.training
     model.eval()

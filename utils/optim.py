@@ -6,9 +6,9 @@ decay per step (lr x wd) is unchanged while they move S times faster.
 For adam/adamw, --momentum is beta1 (0.9, Adam's default); --nesterov applies to SGD only.
 """
 import torch
-from torch import nn
 
 from utils.errors import UserError
+from utils.init import NORM_LAYERS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -22,15 +22,13 @@ def param_groups_no_bias_decay(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
 def scale_norm_bias_lr(groups, model, lr, scale):
     """Move the normalisation-layer biases out of `groups` into their own group with lr * scale and each
     one's weight decay / scale."""
     if scale <= 0:
         raise UserError(f"--norm_bias_lr_scale must be > 0 (got {scale:g}); 1 turns it off")
-    biases = {id(m.bias) for m in model.modules() if isinstance(m, _NORMS) and getattr(m, "bias", None) is not None}
+    biases = {id(m.bias) for m in model.modules()
+              if isinstance(m, NORM_LAYERS) and getattr(m, "bias", None) is not None}
     if not biases:
         raise UserError("--norm_bias_lr_scale: this model has no normalisation-layer biases; drop the flag")
     out, moved = [], {}
