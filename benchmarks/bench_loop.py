@@ -24,6 +24,7 @@ from utils.adversarial import build_attack  # noqa: E402
 from utils.awp import AWP  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.kd import DistillationLoss  # noqa: E402
+from utils.lookahead import Lookahead  # noqa: E402
 from utils.misc import make_precision  # noqa: E402
 from utils.mix import build_mixer  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
@@ -65,7 +66,8 @@ def main():
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="steps per timed run")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast (train.py's --amp; off by default, as in train.py)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tricks", default="all", help="comma list of tricks to time, or 'none' / 'all'")
     p.add_argument("--out", default="bench_out/loop.json")
@@ -87,7 +89,7 @@ def main():
 
     def loop_variant(model_kw=None, **tricks):
         m, opt, sched, scaler = fresh(**(model_kw or {}))
-        extra = {k: v(m) if callable(v) and k in ("ema", "awp") else v for k, v in tricks.items()}
+        extra = {k: v(m) if callable(v) and k in ("ema", "awp", "lookahead") else v for k, v in tricks.items()}
         if "ema" in extra:
             extra["unwrapped"] = m
         crit = extra.pop("criterion", train.make_criterion())
@@ -110,6 +112,7 @@ def main():
     variants = {"bare loop": bare_variant, "train.py (no tricks)": lambda: loop_variant()}
     tricks = {
         "ema": lambda: loop_variant(ema=lambda m: ModelEMA(m, 0.999)),
+        "lookahead k5": lambda: loop_variant(lookahead=lambda m: Lookahead(m, 5, 0.5)),
         "mixup": lambda: loop_variant(mix=mix_args(mixup_alpha=0.2)),
         "cutmix": lambda: loop_variant(mix=mix_args(cutmix_alpha=1.0)),
         "drop_path 0.1": lambda: loop_variant(model_kw={"drop_path_rate": 0.1}),

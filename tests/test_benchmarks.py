@@ -1,0 +1,62 @@
+"""The benchmark scripts still run against today's train.py, and their tables add up.
+
+Smallest settings only: these check that each script runs end to end and that its derived columns agree with
+its raw ones (ratios, shares, images per second); the numbers themselves come from running the scripts.
+"""
+import json
+import math
+
+from conftest import needs_fmnist, run_script
+
+
+def _run(script, tmp_path, *args):
+    out = tmp_path / "out.json"
+    r = run_script([f"benchmarks/{script}", *args, "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+@needs_fmnist
+def test_bench_loop_every_trick(tmp_path):
+    res, out = _run("bench_loop.py", tmp_path, "--model", "resnet8", "--batch_size", "8", "--steps", "2",
+                    "--rounds", "1", "--no-amp")
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert {"bare loop", "train.py (no tricks)", "ema", "lookahead k5", "mixup", "cutmix", "awp", "pgd-3",
+            "kd teacher resnet56", "se", "cbam", "eca", "ca", "fgsm", "drop_path 0.1"} == set(rows)
+    assert rows["train.py (no tricks)"]["ratio_to_train_py"] == 1.0
+    plain = rows["train.py (no tricks)"]
+    for r in rows.values():
+        # img/s and ms/step describe the same median time; the ratio is against the plain step's
+        assert math.isclose(r["images_per_second"] * r["step_ms"] / 1000, 8, rel_tol=1e-9)
+        assert math.isclose(r["ratio_to_train_py"], r["step_ms"] / plain["step_ms"], rel_tol=1e-9)
+    assert math.isclose(res["loop_efficiency"],
+                        plain["images_per_second"] / rows["bare loop"]["images_per_second"], rel_tol=1e-9)
+    assert "loop efficiency (train.py / bare)" in out
+
+
+@needs_fmnist
+def test_bench_data_quick(tmp_path):
+    res, _ = _run("bench_data.py", tmp_path, "--quick", "--model", "resnet8", "--batch_size", "16",
+                  "--workers", "0")
+    step_ms = res["step"]["ms_per_batch"]
+    for r in res["rows"]:
+        assert math.isclose(r["data_share"], r["data_ms_per_batch"] / (r["data_ms_per_batch"] + step_ms),
+                            rel_tol=1e-9)
+        assert math.isclose(r["images_per_second"] * r["data_ms_per_batch"] / 1000, 16, rel_tol=1e-9)
+    fast = next(r for r in res["rows"] if "fast path" in r["path"])
+    assert res["fast_path_data_share"] == fast["data_share"]
+    assert res["target_met"] == (fast["data_share"] <= 0.05)
+
+
+@needs_fmnist
+def test_bench_precision_quick(tmp_path):
+    res, _ = _run("bench_precision.py", tmp_path, "--quick", "--no-compile", "--threads", "1", "--batch_size", "8")
+    variants = {r["variant"] for r in res["rows"]}
+    assert variants == {"fp32 NCHW", "fp32 channels_last", "bf16 NCHW", "bf16 channels_last"}
+    base = next(r for r in res["rows"] if r["variant"] == "fp32 NCHW")
+    assert base["speedup_vs_fp32_nchw"] == 1.0
+    for r in res["rows"]:
+        assert math.isclose(r["speedup_vs_fp32_nchw"], r["images_per_second"] / base["images_per_second"],
+                            rel_tol=1e-9)
+        assert r["train_py_flags"].endswith("--threads 1")
+    assert res["fastest"]["resnet8"]["images_per_second"] == max(r["images_per_second"] for r in res["rows"])
