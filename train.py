@@ -7,7 +7,6 @@ or None), then runs `for epoch: train_one_epoch(); evaluate(); save_checkpoint()
 """
 import functools
 import logging
-import math
 import os
 import time
 
@@ -91,8 +90,8 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
             loss = criterion(logits, y) if teacher is None else criterion(logits, y, teacher_logits)
         n = y.shape[0]
         loss_sum += loss.detach().double() * n
-        if (step + 1) % sync_every == 0 and not math.isfinite(loss_sum.item()):
-            raise _non_finite(epoch, step, sync_every)
+        if (step + 1) % sync_every == 0 and not dist_utils.all_finite(loss_sum.item(), prec.device):
+            raise _non_finite(epoch, step, sync_every)  # on every rank together (all_finite is a collective)
         scaler.scale(loss).backward()
         if awp is not None:
             awp.restore()  # back to w exactly: the gradient taken at w + v is applied at w
@@ -112,7 +111,7 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         seen += n
         if progress and step % max(10, sync_every) == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-    if not math.isfinite(loss_sum.item()):
+    if not dist_utils.all_finite(loss_sum.item(), prec.device):
         raise _non_finite(epoch, step, sync_every)
     loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum.item(), correct.item(), seen], prec.device)
     seconds = time.perf_counter() - t0
@@ -134,7 +133,7 @@ def evaluate(model, loader, prec, *, tta=False, tta_shift=0, adv_eps=0.0, adv_st
         x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
         with torch.no_grad(), prec.autocast():
             views = tta_views(x, flip=tta, shift=tta_shift)
-            logits = sum(model(v) for v in views) / len(views)
+            logits = sum(model(v).float() for v in views) / len(views)  # average in fp32, not bf16/fp16
         logits = logits.float()
         top1, top5 = accuracy_counts(logits, y)
         sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
@@ -343,6 +342,10 @@ def main(args, build_loss=None):
             ema=ema, unwrapped=model, step_sched=not swa_on, clip_grad=args.clip_grad,
             teacher=teacher, progress=progress, lookahead=lookahead)
         train_seconds += stats["epoch_seconds"]
+        if dist.enabled:  # without --sync_bn each rank's BatchNorm statistics saw only its shard: evaluate and
+            dist_utils.average_buffers(model)  # save one model, their average (timm's --dist_bn reduce)
+            if ema is not None:
+                dist_utils.average_buffers(ema.module)
         last = epoch + 1 == args.epochs
         row = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
         if last or (epoch + 1) % args.eval_interval == 0:
@@ -361,7 +364,7 @@ def main(args, build_loss=None):
         history.append(row)
         log_epoch(tb, row, epoch + 1)
         log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        rng = dist_utils.all_gather_object(get_rng_state())  # a collective: every rank, outside the rank-0 block
+        rng = dist_utils.all_gather_object(get_rng_state(prec.device))  # a collective: every rank, outside the rank-0 block
         if dist.is_main:
             best = "val_acc" in row and row["val_acc"] > best_acc
             best_acc = max(best_acc, row.get("val_acc", 0.0))
@@ -400,7 +403,8 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, loo
     load_state(model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("scaler"):  # a run without fp16 saved a disabled scaler's empty state
+        scaler.load_state_dict(ckpt["scaler"])
     if ema is not None and ckpt.get("ema"):
         ema.load_state_dict(ckpt["ema"])
     if swa is not None and ckpt.get("swa"):
@@ -409,7 +413,7 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, loo
         lookahead.load_state_dict(ckpt["lookahead"])
     rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if len(rng) == dist.world_size:
-        set_rng_state(rng[dist.rank])  # each rank continues its own augmentation stream
+        set_rng_state(rng[dist.rank], next(model.parameters()).device)  # each rank continues its own augmentation stream
     else:
         log.warning(f"{path} was saved by {len(rng)} process(es), this run has {dist.world_size}: "
                     f"random augmentation streams restart from --seed")

@@ -50,6 +50,11 @@ def run(rank, world_size, init_file, out_dir):
     dist_utils.average_buffers(bn)
     out["bn"] = clone_state(bn)
 
+    # all_finite: one rank's inf makes every rank stop together (rank 0's own value is finite)
+    out["finite"] = (dist_utils.all_finite(1.0, torch.device("cpu")),
+                     dist_utils.all_finite(float("inf") if rank == 1 else 2.0, torch.device("cpu")),
+                     dist_utils.all_finite(float("nan") if rank == 0 else 2.0, torch.device("cpu")))
+
     out["gathered"] = dist_utils.all_gather_object({"rank": rank, "t": torch.arange(3) + 10 * rank})
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist_utils.cleanup()

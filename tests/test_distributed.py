@@ -61,17 +61,22 @@ def metrics(path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """All launches once: 2-process epoch 1 (A), its torchrun --resume to epoch 2 (A2), then in one
-    interpreter the 1-process runs (B, B2), evaluations of A (E, E_ema) and --sync_bn on CPU (S)."""
+    interpreter the 1-process runs (B, B2), evaluations of A (E, E_ema) and --sync_bn on CPU (S). N: a
+    2-process run of a BatchNorm model (ResNet-8), and E_N / E_N_ema its checkpoint evaluated by one process."""
     d = tmp_path_factory.mktemp("ddp")
     out = {"dir": d}
     out["A"] = torchrun([*COMMON, "--batch_size", "32", "--output_dir", "A"], d)
     assert out["A"].returncode == 0, out["A"].stderr[-3000:]
     out["A2"] = torchrun(["--resume", "A/last.pt", "--epochs", "2", "--output_dir", "A2", "--no_progress"], d)
     assert out["A2"].returncode == 0, out["A2"].stderr[-3000:]
+    out["N"] = torchrun([*COMMON, "--model", "resnet8", "--batch_size", "32", "--output_dir", "N"], d)
+    assert out["N"].returncode == 0, out["N"].stderr[-3000:]
     groups = [[*COMMON, "--batch_size", "64", "--output_dir", "B"],
               ["--resume", "B/last.pt", "--epochs", "2", "--output_dir", "B2", "--no_progress"],
               [*EVAL, "--ckpt", "A/last.pt", "--output_dir", "E"],
               [*EVAL, "--ckpt", "A/last.pt", "--use_ema", "--output_dir", "E_ema"],
+              [*EVAL, "--ckpt", "N/last.pt", "--output_dir", "E_N"],
+              [*EVAL, "--ckpt", "N/last.pt", "--use_ema", "--output_dir", "E_N_ema"],
               ["--sync_bn", "--device", "cpu", "--no_progress", "--output_dir", "S"]]  # must fail: last
     argv = [a for g in groups for a in ("--next", *g)][1:]
     out["one"] = _run([os.path.join(ROOT, "tests", "run_many.py"), *argv], d)
@@ -136,13 +141,26 @@ def test_distributed_evaluation_equals_one_process(runs):
     assert summary["final_val_acc5"] == json.loads((d / "E" / "eval_summary.json").read_text())["val_acc5"]
 
 
+def test_batchnorm_statistics_are_averaged_so_ranks_evaluate_the_saved_model(runs):
+    """Without --sync_bn each rank's running statistics come from its own shard. They are averaged over ranks
+    at the end of every epoch, so the distributed evaluation is of one model, the one saved: a single process
+    evaluating the checkpoint gets the same loss (and EMA's buffers likewise)."""
+    d = runs["dir"]
+    row = metrics(d / "N" / "metrics.csv")[-1]
+    for ev_dir, loss_key in (("E_N", "val_loss"), ("E_N_ema", "val_loss_ema")):
+        ev = json.loads((d / ev_dir / "eval_summary.json").read_text())
+        assert float(row[loss_key]) == pytest.approx(ev["val_loss"], rel=1e-6), ev_dir
+    bn = load(d / "N" / "last.pt")["model"]
+    assert any(k.endswith("running_mean") for k in bn)
+
+
 def test_outputs_and_logs_come_from_rank_0_only(runs):
     d = runs["dir"]
     assert {p.name for p in (d / "A").iterdir()} == RUN_FILES
     # best.pt only when the resumed epoch beat the saved best, as in one process
     assert {p.name for p in (d / "A2").iterdir()} | {"best.pt"} == RUN_FILES
     # no stray run directory (rank 1 would default to runs/...) next to the ones asked for
-    assert {p.name for p in d.iterdir()} == {"A", "A2", "B", "B2", "E", "E_ema"}
+    assert {p.name for p in d.iterdir()} == {"A", "A2", "B", "B2", "E", "E_ema", "N", "E_N", "E_N_ema"}
     for name, proc in (("A", runs["A"]), ("A2", runs["A2"])):
         log_text = (d / name / "train.log").read_text()
         epochs = int(metrics(d / name / "metrics.csv")[-1]["epoch"])
@@ -180,6 +198,7 @@ def test_helpers_in_a_two_process_group(tmp_path):
         torch.testing.assert_close(bn["running_mean"], torch.tensor([1.5, 3.0, 4.5]))
         torch.testing.assert_close(bn["running_var"], torch.tensor([1.0, 1.5, 4.5]))
         assert int(bn["num_batches_tracked"]) == 3 + r
+    assert r0["finite"] == r1["finite"] == (True, False, False)
     for r in (r0, r1):
         assert [g["rank"] for g in r["gathered"]] == [0, 1]
         assert torch.equal(r["gathered"][1]["t"], torch.tensor([10, 11, 12]))

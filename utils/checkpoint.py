@@ -4,6 +4,7 @@ A crash (or SIGKILL) while saving leaves the previous file intact: we write `<pa
 """
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -63,20 +64,30 @@ def load_model(path_or_ckpt, use_ema=False):
     return model, ckpt
 
 
-def get_rng_state():
-    """Every RNG a run draws from, as tensors and plain types (loadable with weights_only=True)."""
+def get_rng_state(device=None):
+    """Every RNG a run draws from, as tensors and plain types (loadable with weights_only=True). On CUDA only the
+    run's own GPU's generator is saved: a resume may see fewer or other GPUs."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=None):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or torch.device(device).type != "cuda":
+        return  # a CPU run, or a CUDA run resumed on the CPU: CUDA's stream restarts
+    device = torch.device(device)
+    if isinstance(cuda, (list, tuple)):  # checkpoints before this change saved every visible GPU's state
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= len(cuda):
+            warnings.warn(f"the checkpoint holds no CUDA random state for GPU {index}; it restarts")
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)

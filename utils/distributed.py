@@ -52,6 +52,13 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+def all_finite(value, device):
+    """Whether `value` (a number) is finite on every process. A collective: all ranks must call it at the same
+    step, or a rank that stopped alone on a bad loss would leave the others waiting in DDP's gradient all-reduce."""
+    bad = 0.0 if torch.isfinite(torch.tensor(value)).item() else 1.0
+    return all_reduce_sum([bad], device)[0] == 0
+
+
 @torch.no_grad()
 def broadcast_module(module, src=0):
     """Give every process rank `src`'s parameters and buffers, in place.

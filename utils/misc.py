@@ -38,6 +38,9 @@ def resolve_device(device, cuda_flag, gpus=None, local_rank=0):
         device = "cuda"
     if device == "auto":
         device = "cuda" if available else "cpu"
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--device {device} under torchrun would put every process on the same GPU; pass "
+                        f"--device cuda (each process takes the GPU of its LOCAL_RANK; choose GPUs with --gpus)")
     if device.startswith("cuda"):
         if not available:
             raise UserError(f"--device {device} but CUDA is not available here; use --device cpu "
@@ -78,7 +81,9 @@ class Precision:
 def make_precision(device, amp, amp_dtype="auto", channels_last=False):
     if amp_dtype == "auto":
         if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # bf16 tensor cores from Ampere (compute capability 8) on; is_bf16_supported() also says yes for
+            # emulated bf16 on V100/T4, where fp16 + GradScaler is the fast choice.
+            dtype = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         else:
             dtype = torch.bfloat16
     else:
