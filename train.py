@@ -27,7 +27,7 @@ from utils.errors import UserError, run_cli
 from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
 from utils.lookahead import Lookahead
 from utils.logger import setup_logging
-from utils.misc import accuracy_counts, make_precision, resolve_device, seed_everything, topk_hits, tta_views
+from utils.misc import make_precision, resolve_device, seed_everything, topk_hits, tta_views
 from utils.mix import build_mixer
 from utils.optim import build_optimizer, scaled_lr
 from utils.outputs import plot_curves, prepare_output_dir, write_json, write_metrics_csv
@@ -127,27 +127,29 @@ def evaluate(model, loader, prec, *, tta=False, tta_shift=0, adv_eps=0.0, adv_st
     collect: also return the per-sample probabilities and targets (for the evaluation report).
     """
     model.eval()
-    sums = [0.0, 0, 0, 0, 0]  # loss, top1, top5, robust correct, n
+    # running sums stay on the device (no host sync per batch); loss in float64, counts as integers
+    loss_sum = torch.zeros((), dtype=torch.float64, device=prec.device)
+    top1 = top5 = robust = torch.zeros((), dtype=torch.int64, device=prec.device)
+    n = 0
     probs, targets = [], []
     for x, y in loader:
         x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
         with torch.no_grad(), prec.autocast():
             views = tta_views(x, flip=tta, shift=tta_shift)
             logits = sum(model(v).float() for v in views) / len(views)  # average in fp32, not bf16/fp16
-        logits = logits.float()
-        top1, top5 = accuracy_counts(logits, y)
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
-        sums[1] += top1
-        sums[2] += top5
-        sums[4] += y.shape[0]
+        hits1, hits5 = topk_hits(logits, y)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        top1, top5 = top1 + hits1, top5 + hits5
+        n += y.shape[0]
         if adv_steps > 0:
             with prec.autocast():
                 x_adv = pgd(model, x, y, **pgd_eval_defaults(adv_eps, adv_steps))  # deterministic
                 with torch.no_grad():
-                    sums[3] += (model(x_adv).argmax(1) == y).sum().item()
+                    robust = robust + (model(x_adv).argmax(1) == y).sum()
         if collect:
             probs.append(logits.softmax(1).cpu())
             targets.append(y.cpu())
+    sums = [loss_sum.item(), top1.item(), top5.item(), robust.item(), n]
     loss, top1, top5, robust, n = dist_utils.all_reduce_sum(sums, prec.device)
     if n == 0:
         raise UserError("the evaluation split is empty; check --val_ratio/--eval_subset")

@@ -117,8 +117,3 @@ def topk_hits(logits, target, topk=(1, 5)):
     pred = logits.topk(maxk, dim=1).indices
     hit = pred.eq(target[:, None])
     return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
-
-
-def accuracy_counts(logits, target, topk=(1, 5)):
-    """topk_hits as Python ints."""
-    return [h.item() for h in topk_hits(logits, target, topk)]
