@@ -7,6 +7,7 @@ or None), then runs `for epoch: train_one_epoch(); evaluate(); save_checkpoint()
 """
 import functools
 import logging
+import math
 import os
 import time
 
@@ -111,9 +112,9 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         seen += n
         if progress and step % max(10, sync_every) == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-    if not dist_utils.all_finite(loss_sum.item(), prec.device):
-        raise _non_finite(epoch, step, sync_every)
     loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum.item(), correct.item(), seen], prec.device)
+    if not math.isfinite(loss_sum):  # summed over ranks: a bad loss on any rank stops every rank here
+        raise _non_finite(epoch, step, sync_every)
     seconds = time.perf_counter() - t0
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
             "images_per_second": seen / seconds, "epoch_seconds": seconds}
@@ -366,7 +367,8 @@ def main(args, build_loss=None):
         history.append(row)
         log_epoch(tb, row, epoch + 1)
         log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        rng = dist_utils.all_gather_object(get_rng_state(prec.device))  # a collective: every rank, outside the rank-0 block
+        # a collective: every rank, outside the rank-0 block
+        rng = dist_utils.all_gather_object(get_rng_state(prec.device))
         if dist.is_main:
             best = "val_acc" in row and row["val_acc"] > best_acc
             best_acc = max(best_acc, row.get("val_acc", 0.0))
@@ -415,7 +417,8 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, loo
         lookahead.load_state_dict(ckpt["lookahead"])
     rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if len(rng) == dist.world_size:
-        set_rng_state(rng[dist.rank], next(model.parameters()).device)  # each rank continues its own augmentation stream
+        # each rank continues its own augmentation stream
+        set_rng_state(rng[dist.rank], next(model.parameters()).device)
     else:
         log.warning(f"{path} was saved by {len(rng)} process(es), this run has {dist.world_size}: "
                     f"random augmentation streams restart from --seed")

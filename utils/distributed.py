@@ -5,6 +5,7 @@ CPU uses the gloo backend, CUDA uses nccl. Every helper is a no-op (or returns i
 the script runs as one plain process.
 """
 import io
+import math
 import os
 from dataclasses import dataclass
 
@@ -55,8 +56,10 @@ def all_reduce_sum(values, device):
 def all_finite(value, device):
     """Whether `value` (a number) is finite on every process. A collective: all ranks must call it at the same
     step, or a rank that stopped alone on a bad loss would leave the others waiting in DDP's gradient all-reduce."""
-    bad = 0.0 if torch.isfinite(torch.tensor(value)).item() else 1.0
-    return all_reduce_sum([bad], device)[0] == 0
+    ok = math.isfinite(value)
+    if not _active():
+        return ok  # one process: no collective, nothing allocated (this runs every step on the CPU)
+    return all_reduce_sum([0.0 if ok else 1.0], device)[0] == 0
 
 
 @torch.no_grad()
