@@ -212,6 +212,9 @@ def _add_run_args(p):
                         "their mirrors)")
     g.add_argument("--eval_interval", type=int, default=1, metavar="N",
                    help="evaluate every N epochs and after the last one (long recipes spend less time evaluating)")
+    g.add_argument("--time_budget", type=float, default=0.0, metavar="MIN",
+                   help="fit the run into MIN minutes of wall time: after every epoch plan the most epochs (at "
+                        "most --epochs) that fit, re-fitting a cosine/onecycle/poly schedule to them (0 = off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bit-exact resume on CPU)")

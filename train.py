@@ -22,6 +22,7 @@ from models import build_model, model_config, model_summary
 from utils import distributed as dist_utils
 from utils.adversarial import build_attack, pgd, pgd_eval_defaults
 from utils.awp import AWP
+from utils.budget import TimeBudget, eval_share, replan_schedule
 from utils.checkpoint import get_rng_state, load_checkpoint, load_model, load_state, save_checkpoint, set_rng_state
 from utils.ema import ModelEMA
 from utils.errors import UserError, run_cli
@@ -204,6 +205,11 @@ def check_args(args):
         raise UserError(f"--tta_shift must be 0 (off) or a number of pixels (got {args.tta_shift})")
     if args.eval_interval < 1:
         raise UserError(f"--eval_interval must be at least 1 (got {args.eval_interval})")
+    if args.time_budget < 0:
+        raise UserError(f"--time_budget must be a number of minutes > 0, or 0 for off (got {args.time_budget:g})")
+    if args.time_budget and args.swa:
+        raise UserError("--time_budget cannot move --swa_start with the planned epoch count; drop one of them, "
+                        "or size --epochs for SWA yourself")
     if args.eval_interval > 1 and args.scheduler == "plateau":
         raise UserError("--scheduler plateau steps on every epoch's validation accuracy; use --eval_interval 1")
 
@@ -236,6 +242,7 @@ def setup_run(args):
 def main(args, build_loss=None):
     """Train (or evaluate) as the flags say. `build_loss(args, data, prec, criterion)` lets
     train_distill.py swap the loss: it returns (criterion, teacher_or_None, extra_summary)."""
+    started = time.perf_counter()  # --time_budget counts from here
     check_args(args)
     dist, prec = setup_run(args)
     log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | "
@@ -307,10 +314,19 @@ def main(args, build_loss=None):
         criterion, teacher, extra_summary = build_loss(args, data, prec, criterion)
 
     # ---- resume ------------------------------------------------------------------------------
-    start_epoch, best_acc, history, train_seconds = 0, 0.0, [], 0.0
+    start_epoch, best_acc, history, metrics = 0, 0.0, [], {}
     if args.resume:
-        start_epoch, best_acc, history, train_seconds = restore_run(
+        start_epoch, best_acc, history, metrics = restore_run(
             args.resume, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead)
+    train_seconds = metrics.get("train_seconds", 0.0)
+    epochs = (args.time_budget and metrics.get("planned_epochs")) or args.epochs  # a budget may plan fewer
+    budget = None
+    if args.time_budget:
+        views = len(tta_views(torch.zeros(1, 1, 1, 1), args.tta, args.tta_shift))
+        budget = TimeBudget(args.time_budget, args.epochs, args.eval_interval,
+                            eval_share(len(data.val_loader), steps_per_epoch, views, ema is not None),
+                            start=started, prior_s=metrics.get("wall_seconds") or train_seconds,
+                            extra_evals=int(data.test_loader is not None))
 
     # ---- wrappers: DDP and compile see the model; EMA/checkpoints keep the unwrapped one --------
     train_model = model
@@ -334,7 +350,11 @@ def main(args, build_loss=None):
     progress = dist.is_main and not args.no_progress and os.isatty(1)
     val = {}
     adv_eval = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
+    if budget is not None:
+        budget.begin()
     for epoch in range(start_epoch, args.epochs):
+        if epoch >= epochs:
+            break
         data.train_loader.set_epoch(epoch)
         swa_on = swa is not None and swa.active(epoch)
         stats = train_one_epoch(
@@ -349,9 +369,17 @@ def main(args, build_loss=None):
             dist_utils.average_buffers(model)  # save one model, their average (timm's --dist_bn reduce)
             if ema is not None:
                 dist_utils.average_buffers(ema.module)
-        last = epoch + 1 == args.epochs
         row = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
+        if budget is not None:
+            planned = dist_utils.all_gather_object(budget.plan(epoch + 1))[0]  # every rank follows rank 0
+            if planned != epochs:
+                log.info(f"time budget {args.time_budget:g} min: {budget.elapsed() / 60:.1f} min used, "
+                         f"{'re-' if epoch else ''}planned {planned} epochs (was {epochs})")
+                sched = replan_schedule(sched, optimizer, args, steps_per_epoch, planned)
+                epochs = planned
+        last = epoch + 1 == epochs
         if last or (epoch + 1) % args.eval_interval == 0:
+            eval_start = time.perf_counter()
             report = last and not dist.enabled  # per-sample outputs for eval_report.md
             val = evaluate(model, data.val_loader, prec, collect=report, **tta_kwargs(args), **adv_eval)
             row.update(val_loss=val["loss"], val_acc=val["acc"], val_acc5=val["acc5"])
@@ -360,6 +388,8 @@ def main(args, build_loss=None):
             if ema is not None:
                 val_ema = evaluate(ema.module, data.val_loader, prec, **tta_kwargs(args))
                 row.update(val_loss_ema=val_ema["loss"], val_acc_ema=val_ema["acc"])
+            if budget is not None:
+                budget.add_eval(time.perf_counter() - eval_start)
         if not swa_on:
             sched.step_epoch(row.get("val_acc"))  # only plateau acts on it (check_args: evaluated every epoch)
         else:
@@ -378,7 +408,8 @@ def main(args, build_loss=None):
                     "swa": swa.state_dict() if swa is not None else None, "epoch": epoch + 1,
                     "lookahead": lookahead.state_dict() if lookahead is not None else None,
                     "rng": rng[0], "rng_ranks": rng if dist.enabled else None, "best_val_acc": best_acc,
-                    "metrics": {"history": history, "train_seconds": train_seconds}}
+                    "metrics": {"history": history, "train_seconds": train_seconds, "planned_epochs": budget and epochs,
+                                "wall_seconds": budget and budget.elapsed()}}
             save_checkpoint(ckpt, os.path.join(args.output_dir, "last.pt"))
             if best:
                 save_checkpoint(ckpt, os.path.join(args.output_dir, "best.pt"))
@@ -391,6 +422,8 @@ def main(args, build_loss=None):
                           loader_image_getter(data.val_loader))
     if tb is not None:
         tb.close()
+    if budget is not None:
+        extra_summary.update(time_budget_minutes=args.time_budget, planned_epochs=epochs)
     summary = summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_acc, train_seconds,
                             {"params": params, "flops": flops, **extra_summary})
     dist_utils.cleanup()
@@ -398,7 +431,7 @@ def main(args, build_loss=None):
 
 
 def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead=None):
-    """--resume: load every piece of state back; returns (start_epoch, best_acc, history, train_seconds)."""
+    """--resume: load every piece of state back; returns (start_epoch, best_acc, history, metrics dict)."""
     ckpt = load_checkpoint(path)
     if ckpt["model_config"] != mcfg:
         raise UserError(f"{path} was trained with model settings {ckpt['model_config']['name']}/"
@@ -423,14 +456,14 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, loo
         log.warning(f"{path} was saved by {len(rng)} process(es), this run has {dist.world_size}: "
                     f"random augmentation streams restart from --seed")
     log.info(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"], ckpt["best_val_acc"], ckpt["metrics"]["history"], ckpt["metrics"]["train_seconds"]
+    return ckpt["epoch"], ckpt["best_val_acc"], ckpt["metrics"]["history"], ckpt["metrics"]
 
 
 def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_acc, train_seconds, extra):
     """summary.json: final/best accuracy, the averaged models (EMA, SWA) and the test split when separate."""
     final = history[-1]
     summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name,
-               "epochs": args.epochs, "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
+               "epochs": len(history), "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
                "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
                "images_per_second": sum(r["images_per_second"] for r in history) / len(history), **extra}
     if ema is not None:

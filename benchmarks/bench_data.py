@@ -29,6 +29,7 @@ from models import build_model  # noqa: E402
 from utils.misc import make_precision  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 from utils.scheduler import build_scheduler  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 
 class PILDataset(Dataset):
@@ -151,4 +152,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # bad input: one "error: ..." line, exit code 2

@@ -23,6 +23,7 @@ from models import build_model  # noqa: E402
 from utils.adversarial import build_attack  # noqa: E402
 from utils.awp import AWP  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 from utils.kd import DistillationLoss  # noqa: E402
 from utils.lookahead import Lookahead  # noqa: E402
 from utils.misc import make_precision  # noqa: E402
@@ -126,10 +127,20 @@ def main():
         "kd teacher resnet56": lambda: loop_variant(teacher=teacher, criterion=DistillationLoss(4.0, 0.5, 0.0)),
     }
     if b.tricks != "none":
-        keep = tricks if b.tricks == "all" else {k: tricks[k] for k in b.tricks.split(",")}
-        variants.update(keep)
+        names = list(tricks) if b.tricks == "all" else [t.strip() for t in b.tricks.split(",")]
+        unknown = [t for t in names if t not in tricks]
+        if unknown:
+            p.error(f"unknown --tricks {', '.join(unknown)}; choose from: {', '.join(tricks)}, or none / all")
+        variants.update({k: tricks[k] for k in names})
 
-    runs = {name: make() for name, make in variants.items()}
+    runs = {}
+    for name, make in variants.items():
+        try:
+            runs[name] = make()
+        except UserError as e:  # e.g. attention or DropPath on a model without residual blocks
+            if b.tricks != "all":
+                p.error(f"{name} does not apply to --model {b.model}: {e}")
+            print(f"skipped {name}: {e}")
     times = time_alternately(runs, b.rounds)
 
     n_img = b.steps * b.batch_size
@@ -154,4 +165,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # bad input: one "error: ..." line, exit code 2

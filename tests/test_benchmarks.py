@@ -35,6 +35,19 @@ def test_bench_loop_every_trick(tmp_path):
 
 
 @needs_fmnist
+def test_bench_loop_skips_tricks_the_model_lacks_and_refuses_unknown_ones(tmp_path):
+    res, out = _run("bench_loop.py", tmp_path, "--model", "airnet_s", "--batch_size", "8", "--steps", "2",
+                    "--rounds", "1", "--tricks", "all")
+    rows = {r["variant"] for r in res["rows"]}
+    assert "ema" in rows and not rows & {"se", "cbam", "eca", "ca", "drop_path 0.1"}
+    assert "skipped se: airnet_s has no residual blocks" in out
+    for tricks, fragment in (("plain", "unknown --tricks plain"), ("se", "se does not apply to --model airnet_s")):
+        r = run_script(["benchmarks/bench_loop.py", "--model", "airnet_s", "--steps", "1", "--tricks", tricks,
+                        "--out", str(tmp_path / "x.json")])
+        assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
+
+
+@needs_fmnist
 def test_bench_data_quick(tmp_path):
     res, _ = _run("bench_data.py", tmp_path, "--quick", "--model", "resnet8", "--batch_size", "16",
                   "--workers", "0")

@@ -25,8 +25,9 @@ class LRSchedule:
     for plateau); `plateau` is a ReduceLROnPlateau or None. The learning rate itself lives in the optimizer.
     """
 
-    def __init__(self, optimizer, scheduler, plateau=None, warmup_iters=0):
+    def __init__(self, optimizer, scheduler, plateau=None, warmup_iters=0, peaks=None):
         self.optimizer = optimizer
+        self.peaks = peaks  # each param group's peak lr (utils.budget rebuilds the schedule from them)
         self.scheduler = scheduler
         self.plateau = plateau
         self.warmup_iters = warmup_iters
@@ -173,11 +174,11 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     if name == "plateau":
         plateau = lrs.ReduceLROnPlateau(optimizer, mode="max", factor=args.plateau_factor,
                                         patience=args.plateau_patience, min_lr=args.min_lr)
-        return LRSchedule(optimizer, warm, plateau, warmup)
+        return LRSchedule(optimizer, warm, plateau, warmup, peaks)
     main = _build_main(name, optimizer, args, steps_per_epoch, total - warmup, warmup, peaks)
-    if warm is None:
-        return LRSchedule(optimizer, main)
-    return LRSchedule(optimizer, lrs.SequentialLR(optimizer, [warm, main], milestones=[warmup]), None, warmup)
+    if warm is not None:
+        main = lrs.SequentialLR(optimizer, [warm, main], milestones=[warmup])
+    return LRSchedule(optimizer, main, None, warmup, peaks)
 
 
 def lr_at_steps(args, steps_per_epoch, total_steps, lr=None):

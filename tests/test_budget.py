@@ -1,0 +1,101 @@
+"""--time_budget: the epoch plan against hand-computed arithmetic, a re-planned schedule against a fresh run of
+the planned length, and an end-to-end run that stops inside its budget with a fully annealed schedule."""
+import json
+import math
+import time
+
+import pytest
+import torch
+
+import config
+from conftest import QUICK, needs_fmnist, run_script
+from utils import budget as budget_mod
+from utils.budget import TimeBudget, evaluations_between, plan_epochs, replan_schedule
+from utils.scheduler import build_scheduler, lr_at_steps
+
+
+def test_evaluations_between_counts_interval_and_last():
+    assert evaluations_between(1, 7, 2) == 4  # epochs 2, 4, 6 and the last, 7
+    assert evaluations_between(3, 8, 4) == 2  # 4 and 8
+    assert evaluations_between(5, 5, 3) == 1  # the last epoch is always evaluated
+
+
+def test_plan_epochs_by_hand():
+    # need(E) = 10 + (E - 1) * 10 + 5 * #evals(1..E), interval 2:
+    # E=8: evals 2,4,6,8 -> 10 + 70 + 20 = 100 <= 100; E=9: 2,4,6,8,9 -> 10 + 80 + 25 = 115 > 100
+    assert plan_epochs(100, 10, 1, 20, 10, 5, 2) == 8
+    assert plan_epochs(100, 10, 1, 5, 10, 5, 2) == 5  # capped by --epochs
+    assert plan_epochs(100, 99, 1, 20, 10, 5, 2) == 1  # nothing more fits: stop after this epoch
+    assert plan_epochs(100, 10, 1, 20, 10, 5, 2, final_extra_s=10) == 7  # E=8 no longer fits with +10 s
+
+
+def test_time_budget_plans_from_recent_epochs_and_the_timed_evaluation(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(budget_mod.time, "perf_counter", lambda: clock[0])
+    b = TimeBudget(1.0, 100, 1, eval_share=0.5, start=0.0, prior_s=0.0, recent=2)  # 60 s
+    clock[0] = 2.0
+    b.begin()  # 2 s of setup count against the budget, not as an epoch
+    clock[0] = 6.0  # epoch 1 took 4 s; estimated eval 0.5 * 4 = 2 s per epoch
+    # E: 6 + (E - 1) * 4 + 2 * E <= 60 -> 6E <= 58 -> E = 9
+    assert b.plan(1) == 9
+    b.add_eval(1.0)
+    clock[0] = 6.0 + 1.0 + 8.0  # epoch 2 took 8 s after a 1 s evaluation; recent mean (4 + 8) / 2 = 6 s
+    # E: 15 + (E - 2) * 6 + 1 * (E - 1) <= 60 -> 7E <= 58 -> E = 8
+    assert b.plan(2) == 8
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("cosine", ["--warmup_epochs", "1.5", "--min_lr", "0.001"]),
+    ("onecycle", ["--warmup_epochs", "0"]),
+    ("poly", ["--warmup_epochs", "0.5"]),
+])
+def test_replanned_schedule_continues_as_a_fresh_run_of_the_new_length(name, flags):
+    spe, done_iters = 7, 17
+    args = config.parse_args(["--scheduler", name, "--epochs", "20", "--lr", "0.2", *flags])
+    params = [torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.8}], lr=0.2)
+    sched = build_scheduler(opt, args, spe)
+    for _ in range(done_iters):
+        opt.step()
+        sched.step()
+    sched = replan_schedule(sched, opt, args, spe, 9)
+    assert args.epochs == 20  # the flags are left as they were
+    fresh = config.parse_args(["--scheduler", name, "--epochs", "9", "--lr", "0.2", *flags])
+    want_a, want_b = lr_at_steps(fresh, spe, 9 * spe), lr_at_steps(fresh, spe, 9 * spe, lr=0.8)
+    for i in range(done_iters, 9 * spe):
+        assert sched.get_last_lr() == pytest.approx([want_a[i], want_b[i]], rel=1e-9, abs=1e-12), i
+        opt.step()
+        sched.step()
+
+
+def test_length_independent_schedules_are_kept():
+    args = config.parse_args(["--scheduler", "step", "--step_size", "2", "--epochs", "10"])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = build_scheduler(opt, args, 3)
+    assert replan_schedule(sched, opt, args, 3, 4) is sched
+
+
+@needs_fmnist
+def test_budgeted_run_stops_in_time_with_an_annealed_schedule(tmp_path):
+    out = tmp_path / "run"
+    quick = [a for a in QUICK if a not in ("--epochs", "1")]
+    t0 = time.perf_counter()
+    r = run_script(["train.py", *quick, "--epochs", "200", "--time_budget", "0.3", "--eval_interval", "3",
+                    "--output_dir", str(out)])
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert 1 < s["planned_epochs"] == s["epochs"] < 200 and s["time_budget_minutes"] == 0.3
+    assert wall < 0.3 * 60 + 15  # the budget counts from main(); the interpreter and torch import come on top
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["metrics"]["planned_epochs"] == s["epochs"]
+    # the cosine schedule (no warmup) was fitted to the planned epochs: it ends at lr 0 (<= the lr one epoch
+    # before the end, should the last plan have stopped a slow run one epoch early); unfitted, it would be ~0.2
+    e = s["epochs"]
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] <= 0.1 * (1 + math.cos(math.pi * (e - 1) / e)) + 1e-9
+
+
+def test_budget_with_swa_is_refused(tmp_path):
+    r = run_script(["train.py", *QUICK, "--epochs", "4", "--swa", "--swa_start", "2", "--time_budget", "1",
+                    "--output_dir", str(tmp_path / "r")])
+    assert r.returncode == 2 and "--time_budget" in r.stderr and "Traceback" not in r.stderr
