@@ -408,8 +408,9 @@ def main(args, build_loss=None):
                     "swa": swa.state_dict() if swa is not None else None, "epoch": epoch + 1,
                     "lookahead": lookahead.state_dict() if lookahead is not None else None,
                     "rng": rng[0], "rng_ranks": rng if dist.enabled else None, "best_val_acc": best_acc,
-                    "metrics": {"history": history, "train_seconds": train_seconds, "planned_epochs": budget and epochs,
-                                "wall_seconds": budget and budget.elapsed()}}
+                    "metrics": {"history": history, "train_seconds": train_seconds,
+                                "planned_epochs": epochs if budget is not None else None,
+                                "wall_seconds": budget.elapsed() if budget is not None else None}}
             save_checkpoint(ckpt, os.path.join(args.output_dir, "last.pt"))
             if best:
                 save_checkpoint(ckpt, os.path.join(args.output_dir, "best.pt"))

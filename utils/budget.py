@@ -9,7 +9,7 @@ the current iteration, so the learning rate from then on is exactly that of a ru
 the others (step, multistep, exponential, plateau, cyclic, cosine_restarts, constant) just end sooner.
 The epoch count then depends on the machine's speed: a budgeted run is not reproducible across machines.
 """
-import math
+import argparse
 import time
 import warnings
 
@@ -93,12 +93,7 @@ def replan_schedule(sched, optimizer, args, steps_per_epoch, epochs):
         return sched  # no schedule left to stretch: the run stops at its current epoch
     for group, peak in zip(optimizer.param_groups, sched.peaks):
         group["lr"] = peak
-    saved = args.epochs
-    args.epochs = epochs
-    try:
-        new = build_scheduler(optimizer, args, steps_per_epoch)
-    finally:
-        args.epochs = saved
+    new = build_scheduler(optimizer, argparse.Namespace(**{**vars(args), "epochs": epochs}), steps_per_epoch)
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": replaying, not training
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(sched.iteration):
@@ -108,4 +103,4 @@ def replan_schedule(sched, optimizer, args, steps_per_epoch, epochs):
 
 def eval_share(n_val_batches, n_train_batches, views, with_ema):
     """Estimated evaluation time / training-epoch time: a forward pass costs about a third of a training step."""
-    return math.ceil(n_val_batches) * views * (2 if with_ema else 1) / (3.0 * max(1, n_train_batches))
+    return n_val_batches * views * (2 if with_ema else 1) / (3.0 * max(1, n_train_batches))
