@@ -61,7 +61,11 @@ def bare_loop(model, batches, optimizer, sched, prec, scaler):
         loss.item()
 
 
-def main():
+TRICKS = ("ema", "lookahead k5", "mixup", "cutmix", "drop_path 0.1", "se", "cbam", "eca", "ca", "fgsm", "pgd-3",
+          "awp", "kd teacher resnet56")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch_size", type=int, default=256)
@@ -72,7 +76,11 @@ def main():
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tricks", default="all", help="comma list of tricks to time, or 'none' / 'all'")
     p.add_argument("--out", default="bench_out/loop.json")
-    b = p.parse_args()
+    b = p.parse_args(argv)
+    names = [] if b.tricks == "none" else list(TRICKS) if b.tricks == "all" else [t.strip() for t in b.tricks.split(",")]
+    unknown = [t for t in names if t not in TRICKS]
+    if unknown:  # before loading any data
+        p.error(f"unknown --tricks {', '.join(unknown)}; choose from: {', '.join(TRICKS)}, or none / all")
 
     args = config.parse_args(["--model", b.model, "--batch_size", str(b.batch_size), "--device", "cpu",
                               "--train_subset", str(b.batch_size * b.steps), "--no_progress"])
@@ -126,12 +134,8 @@ def main():
         "awp": lambda: loop_variant(awp=lambda m: AWP(m, 0.005)),
         "kd teacher resnet56": lambda: loop_variant(teacher=teacher, criterion=DistillationLoss(4.0, 0.5, 0.0)),
     }
-    if b.tricks != "none":
-        names = list(tricks) if b.tricks == "all" else [t.strip() for t in b.tricks.split(",")]
-        unknown = [t for t in names if t not in tricks]
-        if unknown:
-            p.error(f"unknown --tricks {', '.join(unknown)}; choose from: {', '.join(tricks)}, or none / all")
-        variants.update({k: tricks[k] for k in names})
+    assert tuple(tricks) == TRICKS
+    variants.update({k: tricks[k] for k in names})
 
     runs = {}
     for name, make in variants.items():

@@ -22,6 +22,20 @@ def run_script(args, cwd=ROOT, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def cli_error(main, argv, capsys, parser=None):
+    """Run `python script.py ARGV` in this interpreter (script = `main` wrapped as its __main__ does: flags parsed,
+    then run_cli) and return its error line; asserts exit code 2 and that the error is the last line of stderr.
+    An exception other than UserError propagates and fails the test, as a traceback would in the script."""
+    import config
+    from utils.errors import run_cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(lambda: main(config.parse_args(argv, parser=parser)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err and err[-1].startswith("error:"), (exc.value.code, err[-5:])
+    return err[-1]
+
+
 @pytest.fixture(autouse=True)
 def restore_logging():
     """train.main and ablate.main install their own root log handlers; give pytest's back after each test."""

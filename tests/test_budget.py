@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import config
-from conftest import QUICK, needs_fmnist, run_script
+import train
+from conftest import QUICK, needs_fmnist
 from utils import budget as budget_mod
 from utils.budget import TimeBudget, evaluations_between, plan_epochs, replan_schedule
 from utils.errors import UserError
@@ -81,13 +82,12 @@ def test_budgeted_run_stops_in_time_with_an_annealed_schedule(tmp_path):
     out = tmp_path / "run"
     quick = [a for a in QUICK if a not in ("--epochs", "1")]
     t0 = time.perf_counter()
-    r = run_script(["train.py", *quick, "--epochs", "200", "--time_budget", "0.15", "--eval_interval", "3",
-                    "--output_dir", str(out)])
+    train.main(config.parse_args([*quick, "--epochs", "200", "--time_budget", "0.15", "--eval_interval", "3",
+                                  "--output_dir", str(out)]))
     wall = time.perf_counter() - t0
-    assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert 1 < s["planned_epochs"] == s["epochs"] < 200 and s["time_budget_minutes"] == 0.15
-    assert wall < 0.15 * 60 + 15  # the budget counts from main(); the interpreter and torch import come on top
+    assert wall < 0.15 * 60 + 5  # the plan aims at the budget; a few seconds' slack for the final test/summary
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["metrics"]["planned_epochs"] == s["epochs"]
     # the cosine schedule (no warmup) was fitted to the planned epochs: it ends at lr 0 (<= the lr one epoch
@@ -97,7 +97,6 @@ def test_budgeted_run_stops_in_time_with_an_annealed_schedule(tmp_path):
 
 
 def test_budget_with_swa_and_negative_budgets_are_refused():
-    import train
     for flags, fragment in ((["--swa", "--swa_start", "2", "--time_budget", "1"], "--time_budget cannot move"),
                             (["--time_budget", "-1"], "--time_budget must be")):
         with pytest.raises(UserError, match=fragment):

@@ -10,12 +10,14 @@ import time
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, needs_fmnist, run_script
+import config
+import train
+from conftest import QUICK, ROOT, cli_error, needs_fmnist, run_script
 
 pytestmark = needs_fmnist
 
 
-def test_smoke_run_writes_every_output(tmp_path):
+def test_smoke_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     r = run_script(["train.py", *QUICK, "--output_dir", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -31,16 +33,14 @@ def test_smoke_run_writes_every_output(tmp_path):
     assert ckpt["epoch"] == 1 and len(ckpt["class_names"]) == 10
 
     # --eval_only on the checkpoint reproduces the final validation accuracy
-    r = run_script(["train.py", "--eval_only", "--ckpt", str(out / "last.pt"), *QUICK[:4], "--no_progress",
-                    "--device", "cpu", "--output_dir", str(tmp_path / "ev")])
-    assert r.returncode == 0, r.stderr[-2000:]
+    train.main(config.parse_args(["--eval_only", "--ckpt", str(out / "last.pt"), *QUICK[:4], "--no_progress",
+                                  "--device", "cpu", "--output_dir", str(tmp_path / "ev")]))
     ev = json.loads((tmp_path / "ev" / "eval_summary.json").read_text())
     assert ev["val_acc"] == pytest.approx(s["final_val_acc"], abs=1e-9)
 
     # reusing a directory that holds checkpoints is refused, nothing is touched
     before = (out / "last.pt").stat().st_mtime_ns
-    r = run_script(["train.py", *QUICK, "--output_dir", str(out)])
-    assert r.returncode == 2 and "already holds checkpoints" in r.stderr
+    _expect_error([*QUICK, "--output_dir", str(out)], "already holds checkpoints", capsys)
     assert (out / "last.pt").stat().st_mtime_ns == before
 
 
@@ -78,12 +78,18 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     assert len(b["metrics"]["history"]) == 3
 
 
-def _expect_error(args, fragment, tmp_path):
-    r = run_script(["train.py", *args])
+def _expect_error(args, fragment, capsys):
+    """`python train.py ARGS` exits 2 with a one-line error naming `fragment` (in this interpreter: see cli_error)."""
+    line = cli_error(train.main, args, capsys)
+    assert fragment in line, line
+
+
+def test_bad_flag_in_a_fresh_interpreter(tmp_path):
+    """The script itself, not just main(): one line on stderr, exit code 2, no traceback, nothing written."""
+    r = run_script(["train.py", *QUICK, "--output_dir", str(tmp_path / "r"), "--epochs", "0"])
     assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
-    err = r.stderr.strip().splitlines()
-    assert err and err[-1].startswith("error:") and fragment in err[-1], r.stderr[-1500:]
-    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --epochs must be positive (got 0)"], r.stderr[-1500:]
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -97,33 +103,32 @@ def _expect_error(args, fragment, tmp_path):
     (["--dataset", "cifar10", "--data_dir", "/nonexistent"], "/nonexistent"),
     (["--device", "cuda"], "CUDA is not available"),
 ])
-def test_bad_flags(args, fragment, tmp_path):
-    _expect_error([*QUICK, "--output_dir", str(tmp_path / "r"), *args], fragment, tmp_path)
+def test_bad_flags(args, fragment, tmp_path, capsys):
+    _expect_error([*QUICK, "--output_dir", str(tmp_path / "r"), *args], fragment, capsys)
 
 
-def test_bad_checkpoints(tmp_path):
+def test_bad_checkpoints(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
-    _expect_error(["--eval_only", "--ckpt", str(junk)], "not a readable checkpoint", tmp_path)
-    _expect_error(["--eval_only", "--ckpt", str(tmp_path / "missing.pt")], "does not exist", tmp_path)
+    _expect_error(["--eval_only", "--ckpt", str(junk)], "not a readable checkpoint", capsys)
+    _expect_error(["--eval_only", "--ckpt", str(tmp_path / "missing.pt")], "does not exist", capsys)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("lr: 0.1\nnot_a_flag: 1\n")
-    _expect_error(["--config", str(cfg)], "not_a_flag", tmp_path)
+    _expect_error(["--config", str(cfg)], "not_a_flag", capsys)
 
 
-def test_resume_of_another_model_and_truncated_checkpoint(tmp_path):
+def test_resume_of_another_model_and_truncated_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    r = run_script(["train.py", *QUICK, "--output_dir", str(out)])
-    assert r.returncode == 0, r.stderr[-2000:]
+    train.main(config.parse_args([*QUICK, "--output_dir", str(out)]))
     _expect_error(["--resume", str(out / "last.pt"), "--model", "resnet20", "--epochs", "2"],
-                  "differ", tmp_path)
+                  "differ", capsys)
     data = (out / "last.pt").read_bytes()
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(data[: len(data) // 2])
-    _expect_error(["--eval_only", "--ckpt", str(trunc)], "truncated", tmp_path)
+    _expect_error(["--eval_only", "--ckpt", str(trunc)], "truncated", capsys)
 
 
-def test_unwritable_output_dir(tmp_path):
+def test_unwritable_output_dir(tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -133,14 +138,12 @@ def test_unwritable_output_dir(tmp_path):
         target = target / "sub"
     else:
         target = ro / "sub"
-    _expect_error([*QUICK, "--output_dir", str(target)], "cannot write to output dir", tmp_path)
+    _expect_error([*QUICK, "--output_dir", str(target)], "cannot write to output dir", capsys)
 
 
-def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    r = run_script(["train.py", *QUICK, "--output_dir", str(out), "--lr", "1e30", "--opt", "sgd"])
-    assert r.returncode == 2, r.stderr[-1500:]
-    assert "epoch 1 step" in r.stderr and "Traceback" not in r.stderr
+def test_nan_loss_stops_with_a_one_line_message(tmp_path, capsys):
+    _expect_error([*QUICK, "--output_dir", str(tmp_path / "run"), "--lr", "1e30", "--opt", "sgd"], "epoch 1 step",
+                  capsys)
 
 
 def _seed_csv_layout(tmp_path, n=24):
@@ -159,25 +162,24 @@ def _seed_csv_layout(tmp_path, n=24):
     return d, csv
 
 
-def test_seed_csv_layout_trains_and_bad_csv_inputs_exit_2(tmp_path):
+def test_seed_csv_layout_trains_and_bad_csv_inputs_exit_2(tmp_path, capsys):
     d, csv = _seed_csv_layout(tmp_path)
     base = ["--dataset", "csv", "--data_dir", str(d), "--info_csv", str(csv), "--img_size", "32", "--model", "resnet8",
             "--epochs", "1", "--batch_size", "8", "--no_progress", "--device", "cpu", "--warmup_epochs", "0"]
-    r = run_script(["train.py", *base, "--output_dir", str(tmp_path / "ok")])
-    assert r.returncode == 0, r.stderr[-2000:]
+    train.main(config.parse_args([*base, "--output_dir", str(tmp_path / "ok")]))
     s = json.loads((tmp_path / "ok" / "summary.json").read_text())
     assert s["val_split"] == "val" and 0.0 <= s["final_val_acc"] <= 1.0
 
-    _expect_error([*base, "--label_column", "class", "--output_dir", str(tmp_path / "r1")], "class", tmp_path)
+    _expect_error([*base, "--label_column", "class", "--output_dir", str(tmp_path / "r1")], "class", capsys)
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     csv.write_text(csv.read_text() + "broken.png,shoe\n")
-    _expect_error([*base, "--output_dir", str(tmp_path / "r2")], "broken.png", tmp_path)
-    r = run_script(["train.py", *base, "--skip_bad_images", "--output_dir", str(tmp_path / "r3")])
-    assert r.returncode == 0, r.stderr[-2000:]
+    _expect_error([*base, "--output_dir", str(tmp_path / "r2")], "broken.png", capsys)
+    train.main(config.parse_args([*base, "--skip_bad_images", "--output_dir", str(tmp_path / "r3")]))
+    assert (tmp_path / "r3" / "summary.json").is_file()
     csv.write_text(csv.read_text() + "missing.png,shirt\n")
     _expect_error([*base, "--skip_bad_images", "--output_dir", str(tmp_path / "r4"), "--val_ratio", "1.5"],
-                  "val_ratio", tmp_path)
-    _expect_error([*base, "--output_dir", str(tmp_path / "r5")], "missing.png", tmp_path)
+                  "val_ratio", capsys)
+    _expect_error([*base, "--output_dir", str(tmp_path / "r5")], "missing.png", capsys)
 
 
 def _np_cross_entropy(logits, y):
