@@ -153,6 +153,12 @@ def _add_aug_args(p):
                         "starting from a seeded random half (airbench)")
     g.add_argument("--vflip", type=float, default=0.0, metavar="P")
     g.add_argument("--rotate", type=float, default=0.0, metavar="DEG")
+    g.add_argument("--prog_resize", type=int, default=0, metavar="PX",
+                   help="progressive resizing: train the first epochs on images downscaled to PX, growing in "
+                        "4-px steps to the full size by --prog_resize_until of the run (0 = off); "
+                        "evaluation stays at full size")
+    g.add_argument("--prog_resize_until", type=float, default=0.75, metavar="FRAC",
+                   help="fraction of the epochs after which --prog_resize trains at the full size")
     g.add_argument("--crop_padding", type=int, default=0, metavar="PX",
                    help="random crop after zero padding by PX")
     g.add_argument("--random_resized_crop", type=float, default=0.0, metavar="SCALE_MIN",

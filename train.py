@@ -33,6 +33,7 @@ from utils.misc import make_precision, resolve_device, seed_everything, topk_hit
 from utils.mix import build_mixer
 from utils.optim import build_optimizer, scaled_lr
 from utils.outputs import plot_curves, prepare_output_dir, write_json, write_metrics_csv
+from utils.prog_resize import check_any_size, epoch_cost, resize_batch, train_size
 from utils.report import loader_image_getter, write_eval_report
 from utils.scheduler import build_scheduler, plot_lr
 from utils.swa import SWA
@@ -56,10 +57,11 @@ def _non_finite(epoch, step, sync_every):
 
 def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, epoch, *, mix=None,
                     attack=None, attack_loss=None, awp=None, ema=None, unwrapped=None, step_sched=True,
-                    clip_grad=0.0, teacher=None, progress=False, sync_every=None, lookahead=None):
+                    clip_grad=0.0, teacher=None, progress=False, sync_every=None, lookahead=None, side=None):
     """One pass over the training data. Each trick enters at one visible call point.
 
     `model` may be DDP/compile-wrapped; `unwrapped` is the plain module (EMA source, attack target).
+    side: train on images resized to side x side (--prog_resize); None keeps the loader's size.
     sync_every: steps between host syncs for the non-finite-loss check (default: 1 on the CPU, where a sync is
     free, SYNC_EVERY elsewhere, where .item() every step would stall the device queue).
     """
@@ -73,6 +75,8 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
+        if side is not None:
+            x = resize_batch(x, side)  # progressive resizing: every trick below sees the resized batch
         if mix is not None:
             x, y = mix(x, y)  # soft targets; label smoothing stays inside the criterion
         if attack is not None:
@@ -210,6 +214,10 @@ def check_args(args):
     if args.time_budget and args.swa:
         raise UserError("--time_budget cannot move --swa_start with the planned epoch count; drop one of them, "
                         "or size --epochs for SWA yourself")
+    if args.prog_resize and (args.prog_resize < 8 or not 0.0 < args.prog_resize_until <= 1.0):
+        raise UserError(f"--prog_resize {args.prog_resize} / --prog_resize_until {args.prog_resize_until:g}: "
+                        "the start side must be at least 8 px (0 = off) and the fraction in (0, 1], e.g. "
+                        "--prog_resize 16 --prog_resize_until 0.75")
     if args.eval_interval > 1 and args.scheduler == "plateau":
         raise UserError("--scheduler plateau steps on every epoch's validation accuracy; use --eval_interval 1")
 
@@ -252,6 +260,9 @@ def main(args, build_loss=None):
     data = build_data(args, rank=dist.rank, world_size=dist.world_size, device=prec.device)
     steps_per_epoch = len(data.train_loader)
     if args.plot_lr:
+        if args.time_budget:
+            log.warning(f"--plot_lr draws the schedule for --epochs {args.epochs}; under --time_budget the run "
+                        "fits it to the epochs that fit (cosine/onecycle/poly), known only while it runs")
         plot_lr(args, steps_per_epoch, args.output_dir, lr=scaled_lr(args, dist.world_size))
         return None
     if args.preview_aug:
@@ -283,6 +294,8 @@ def main(args, build_loss=None):
     if args.whiten_stem:
         name, eigvals = whiten_stem(model, whitening_batch(data, args.seed).to(prec.device).float().div(255))
         log.info(f"whitened and froze {name}: patch eigenvalues {eigvals.max():.3g} .. {eigvals.min():.3g}")
+    if args.prog_resize:
+        check_any_size(model, args.prog_resize, data.img_size, data.in_chans, prec.device, args.model)
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
     dist_utils.broadcast_module(model)  # ranks seed differently: all start (and EMA/SWA copy) rank 0's init
@@ -350,6 +363,7 @@ def main(args, build_loss=None):
     progress = dist.is_main and not args.no_progress and os.isatty(1)
     val = {}
     adv_eval = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
+    cost = epoch_cost(data.img_size, args.prog_resize, args.prog_resize_until)  # 1 without --prog_resize
     if budget is not None:
         budget.begin()
     for epoch in range(start_epoch, args.epochs):
@@ -357,21 +371,25 @@ def main(args, build_loss=None):
             break
         data.train_loader.set_epoch(epoch)
         swa_on = swa is not None and swa.active(epoch)
+        side = train_size(epoch, epochs, data.img_size, args.prog_resize, args.prog_resize_until)
         stats = train_one_epoch(
             train_model, data.train_loader, optimizer, sched, criterion, scaler, prec, epoch,
             mix=None if args.mix_off_epoch and epoch + 1 >= args.mix_off_epoch else mix,  # epochs count from 1
             attack=attack, attack_loss=attack_loss,
             awp=awp if awp is not None and epoch >= args.awp_start_epoch else None,
             ema=ema, unwrapped=model, step_sched=not swa_on, clip_grad=args.clip_grad,
-            teacher=teacher, progress=progress, lookahead=lookahead)
+            teacher=teacher, progress=progress, lookahead=lookahead, side=side if args.prog_resize else None)
         train_seconds += stats["epoch_seconds"]
         if dist.enabled:  # without --sync_bn each rank's BatchNorm statistics saw only its shard: evaluate and
             dist_utils.average_buffers(model)  # save one model, their average (timm's --dist_bn reduce)
             if ema is not None:
                 dist_utils.average_buffers(ema.module)
         row = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
+        if args.prog_resize:
+            row["train_size"] = side
         if budget is not None:
-            planned = dist_utils.all_gather_object(budget.plan(epoch + 1))[0]  # every rank follows rank 0
+            planned = budget.plan(epoch + 1, cost(epoch + 1, epochs), cost)
+            planned = dist_utils.all_gather_object(planned)[0]  # every rank follows rank 0
             if planned != epochs:
                 log.info(f"time budget {args.time_budget:g} min: {budget.elapsed() / 60:.1f} min used, "
                          f"{'re-' if epoch else ''}planned {planned} epochs (was {epochs})")

@@ -29,6 +29,7 @@ from utils.lookahead import Lookahead  # noqa: E402
 from utils.misc import make_precision  # noqa: E402
 from utils.mix import build_mixer  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
+from utils.prog_resize import check_any_size  # noqa: E402
 from utils.scheduler import build_scheduler  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def bare_loop(model, batches, optimizer, sched, prec, scaler):
 
 
 TRICKS = ("ema", "lookahead k5", "mixup", "cutmix", "drop_path 0.1", "se", "cbam", "eca", "ca", "fgsm", "pgd-3",
-          "awp", "kd teacher resnet56")
+          "awp", "kd teacher resnet56", "prog_resize 16 px", "prog_resize 20 px", "prog_resize 24 px")
 
 
 def main(argv=None):
@@ -115,6 +116,10 @@ def main(argv=None):
     def attack(kind, steps=1):
         return build_attack(config.parse_args(["--adv", kind, "--adv_eps", "0.1", "--adv_steps", str(steps)]))
 
+    def resized(side):  # --prog_resize's steps at `side` px (a step on smaller images: a ratio below 1)
+        check_any_size(fresh()[0], side, data.img_size, data.in_chans, torch.device("cpu"), b.model)
+        return loop_variant(side=side)
+
     teacher = build_model("resnet56", data.num_classes, data.in_chans, data.img_size, data.mean, data.std).eval()
     if prec.channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -133,6 +138,9 @@ def main(argv=None):
         "pgd-3": lambda: loop_variant(attack=attack("pgd", 3)),
         "awp": lambda: loop_variant(awp=lambda m: AWP(m, 0.005)),
         "kd teacher resnet56": lambda: loop_variant(teacher=teacher, criterion=DistillationLoss(4.0, 0.5, 0.0)),
+        "prog_resize 16 px": lambda: resized(16),
+        "prog_resize 20 px": lambda: resized(20),
+        "prog_resize 24 px": lambda: resized(24),
     }
     assert tuple(tricks) == TRICKS
     variants.update({k: tricks[k] for k in names})

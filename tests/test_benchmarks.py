@@ -26,7 +26,8 @@ def test_bench_loop_every_trick(tmp_path):
                     "--rounds", "1", "--no-amp")
     rows = {r["variant"]: r for r in res["rows"]}
     assert {"bare loop", "train.py (no tricks)", "ema", "lookahead k5", "mixup", "cutmix", "awp", "pgd-3",
-            "kd teacher resnet56", "se", "cbam", "eca", "ca", "fgsm", "drop_path 0.1"} == set(rows)
+            "kd teacher resnet56", "se", "cbam", "eca", "ca", "fgsm", "drop_path 0.1", "prog_resize 16 px",
+            "prog_resize 20 px", "prog_resize 24 px"} == set(rows)
     assert rows["train.py (no tricks)"]["ratio_to_train_py"] == 1.0
     plain = rows["train.py (no tricks)"]
     for r in rows.values():

@@ -23,18 +23,22 @@ def evaluations_between(done, epochs, eval_interval):
     return sum(1 for k in range(max(done, 1), epochs + 1) if k % eval_interval == 0 or k == epochs)
 
 
-def plan_epochs(budget_s, elapsed_s, done, max_epochs, epoch_s, eval_s, eval_interval, final_extra_s=0.0):
+def plan_epochs(budget_s, elapsed_s, done, max_epochs, epoch_s, eval_s, eval_interval, final_extra_s=0.0,
+                cost=None):
     """The largest E in [done, max_epochs] with
-    elapsed_s + (E - done) * epoch_s + eval_s * evaluations_between(done, E) + final_extra_s <= budget_s,
-    where `done` epochs have trained and epoch `done`'s evaluation has not run yet. E = done (stop now) when
-    not even that fits."""
+    elapsed_s + epoch_s * sum(cost(k, E), k = done+1..E) + eval_s * evaluations_between(done, E) + final_extra_s
+    <= budget_s, where `done` epochs have trained and epoch `done`'s evaluation has not run yet. cost(k, E) is
+    epoch k's (1-based) time in a run of E epochs relative to epoch_s (1 when None: every epoch costs epoch_s;
+    --prog_resize makes early epochs cheaper). E = done (stop now) when not even that fits."""
+    cost = cost or (lambda k, e: 1.0)
     best = done
     for e in range(done + 1, max_epochs + 1):
-        need = elapsed_s + (e - done) * epoch_s + eval_s * evaluations_between(done, e, eval_interval)
+        train_s = epoch_s * sum(cost(k, e) for k in range(done + 1, e + 1))
+        need = elapsed_s + train_s + eval_s * evaluations_between(done, e, eval_interval)
         if need + final_extra_s <= budget_s:
             best = e
         else:
-            break  # the need only grows with e
+            break  # the need grows with e (a longer --prog_resize ramp saves less than one more epoch costs)
     return best
 
 
@@ -68,16 +72,18 @@ class TimeBudget:
         self.eval_s = seconds
         self.pending_eval += seconds
 
-    def plan(self, done):
-        """Call when epoch `done` (1-based) has trained, before its evaluation: the epoch count to run to."""
+    def plan(self, done, done_cost=1.0, cost=None):
+        """Call when epoch `done` (1-based) has trained, before its evaluation: the epoch count to run to.
+        done_cost: that epoch's cost relative to a full one; cost(k, E): as plan_epochs (both from
+        --prog_resize; the recent epochs' times are scaled to full-size epochs with done_cost)."""
         now = time.perf_counter()
-        self.epoch_s.append(now - self.mark - self.pending_eval)
+        self.epoch_s.append((now - self.mark - self.pending_eval) / done_cost)
         self.mark, self.pending_eval = now, 0.0
         recent = self.epoch_s[-self.recent:]
         epoch_s = sum(recent) / len(recent)
         eval_s = self.eval_s if self.eval_s is not None else self.eval_share * epoch_s
         return plan_epochs(self.budget_s, self.elapsed(), done, self.max_epochs, epoch_s, eval_s,
-                           self.eval_interval, self.extra_evals * eval_s)
+                           self.eval_interval, self.extra_evals * eval_s, cost)
 
 
 def replan_schedule(sched, optimizer, args, steps_per_epoch, epochs):
