@@ -78,7 +78,10 @@ def main(argv=None):
     p.add_argument("--tricks", default="all", help="comma list of tricks to time, or 'none' / 'all'")
     p.add_argument("--out", default="bench_out/loop.json")
     b = p.parse_args(argv)
-    names = [] if b.tricks == "none" else list(TRICKS) if b.tricks == "all" else [t.strip() for t in b.tricks.split(",")]
+    if b.tricks in ("none", "all"):
+        names = list(TRICKS) if b.tricks == "all" else []
+    else:
+        names = [t.strip() for t in b.tricks.split(",")]
     unknown = [t for t in names if t not in TRICKS]
     if unknown:  # before loading any data
         p.error(f"unknown --tricks {', '.join(unknown)}; choose from: {', '.join(TRICKS)}, or none / all")

@@ -54,6 +54,10 @@ def test_bench_loop_skips_tricks_the_model_lacks_and_refuses_unknown_ones(tmp_pa
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and fragment in err[-1], err
     assert not (tmp_path / "x").exists()
+    bench_loop.main(["--model", "airnet_s", "--batch_size", "8", "--steps", "2", "--rounds", "1", "--tricks", "none",
+                     "--out", str(tmp_path / "none.json")])
+    res = json.loads((tmp_path / "none.json").read_text())
+    assert {r["variant"] for r in res["rows"]} == {"bare loop", "train.py (no tricks)"}
 
 
 @needs_fmnist

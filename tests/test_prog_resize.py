@@ -80,15 +80,21 @@ def test_budget_plan_with_cheaper_early_epochs_by_hand(monkeypatch):
 
 
 @needs_fmnist
-def test_run_trains_at_the_planned_sides_and_evaluates_at_full_size(tmp_path, capsys):
+def test_run_trains_at_the_planned_sides_and_evaluates_at_full_size(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    sides, orig = [], train.train_one_epoch
+
+    def spy(*a, **kw):  # the side main hands to the training step, epoch by epoch
+        sides.append(kw["side"])
+        return orig(*a, **kw)
+    monkeypatch.setattr(train, "train_one_epoch", spy)
     flags = [a for a in QUICK if a not in ("--epochs", "1", "--model", "resnet8")]
     summary = train.main(config.parse_args([*flags, "--model", "airnet_s", "--epochs", "4", "--prog_resize", "16",
                                             "--output_dir", str(out)]))
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["train_size"]) for r in rows] == [train_size(e, 4, 28, 16, 0.75) for e in range(4)] \
-        == [16, 20, 24, 28]
+        == sides == [16, 20, 24, 28]
     assert summary["test_acc"] > 0.3  # evaluated on full-size images, well above chance
 
     assert "cannot take 16-px images" in cli_error(
