@@ -29,11 +29,11 @@ from utils.errors import UserError, run_cli
 from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
 from utils.lookahead import Lookahead
 from utils.logger import setup_logging
-from utils.misc import make_precision, resolve_device, seed_everything, topk_hits, tta_views
+from utils.misc import make_precision, resize_square, resolve_device, seed_everything, topk_hits, tta_views
 from utils.mix import build_mixer
 from utils.optim import build_optimizer, scaled_lr
 from utils.outputs import plot_curves, prepare_output_dir, write_json, write_metrics_csv
-from utils.prog_resize import check_any_size, epoch_cost, resize_batch, train_size
+from utils.prog_resize import check_any_size, epoch_cost, train_size
 from utils.report import loader_image_getter, write_eval_report
 from utils.scheduler import build_scheduler, plot_lr
 from utils.swa import SWA
@@ -76,7 +76,7 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
     for step, (x, y) in enumerate(bar):
         x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
         if side is not None:
-            x = resize_batch(x, side)  # progressive resizing: every trick below sees the resized batch
+            x = resize_square(x, side)  # progressive resizing: every trick below sees the resized batch
         if mix is not None:
             x, y = mix(x, y)  # soft targets; label smoothing stays inside the criterion
         if attack is not None:

@@ -8,7 +8,6 @@ under no_grad and sees exactly the student's batch, after augmentation and mixin
 import logging
 
 import torch
-import torch.nn.functional as F
 
 import config
 import train
@@ -16,6 +15,7 @@ from datasets import inverse_frequency_weights
 from utils.checkpoint import load_model
 from utils.errors import UserError, run_cli
 from utils.kd import DistillationLoss
+from utils.misc import resize_square
 
 log = logging.getLogger("train")
 
@@ -40,9 +40,7 @@ class _ResizeFor(torch.nn.Module):
         self.model, self.size = model, size
 
     def forward(self, x):
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return self.model(x)
+        return self.model(resize_square(x, self.size))
 
 
 def build_teacher_loss(args, data, prec, _criterion):

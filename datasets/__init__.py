@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from utils.errors import UserError
+from utils.misc import resize_square
 
 from .cifar import CLASS_NAMES as CIFAR10_CLASSES, load_cifar10
 from .fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES, load_fashion_mnist
@@ -78,9 +78,7 @@ def convert_uint8(images, in_chans, img_size, chunk=4096):
             x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         elif x.shape[1] == 1 and in_chans == 3:
             x = x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (img_size, img_size):
-            x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+        x = resize_square(x, img_size)
         out.append(x.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(out)
 

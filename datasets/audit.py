@@ -21,11 +21,11 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 import config
 from utils.errors import UserError, run_cli
+from utils.misc import resize_square
 
 from . import DATASETS, DEFAULT_VAL_RATIO, FILE_DEFAULT_CHANS, IN_MEMORY
 from .files import IMG_EXTENSIONS, _existing, _image_path, _read_list, load_image, read_imagefolder
@@ -295,7 +295,7 @@ def _memory_thumbs(images, chunk=8192):
         x = x.float()
         if x.shape[1] == 3:
             x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        x = F.interpolate(x, size=(PHASH_SIZE, PHASH_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        x = resize_square(x, PHASH_SIZE)
         out.append(x[:, 0].round().clamp(0, 255).to(torch.uint8).numpy())
     return np.concatenate(out)
 

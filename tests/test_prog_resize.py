@@ -13,8 +13,8 @@ import train
 from conftest import QUICK, cli_error, needs_fmnist
 from utils import budget as budget_mod
 from utils.budget import TimeBudget, plan_epochs
-from utils.misc import make_precision
-from utils.prog_resize import epoch_cost, resize_batch, train_size
+from utils.misc import make_precision, resize_square
+from utils.prog_resize import epoch_cost, train_size
 
 
 def test_side_schedule_by_hand():
@@ -31,10 +31,10 @@ def test_side_schedule_by_hand():
 
 def test_resize_matches_torchvision_and_keeps_memory_format():
     x = torch.rand(3, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    got = resize_batch(x, 20)
+    got = resize_square(x, 20)
     ref = TF.resize(x.contiguous(), [20, 20], antialias=True)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
-    assert got.is_contiguous(memory_format=torch.channels_last) and resize_batch(x, 28) is x
+    assert got.is_contiguous(memory_format=torch.channels_last) and resize_square(x, 28) is x
 
 
 def test_training_on_resized_batches_equals_training_on_batches_resized_beforehand():
@@ -90,11 +90,13 @@ def test_run_trains_at_the_planned_sides_and_evaluates_at_full_size(tmp_path, ca
     monkeypatch.setattr(train, "train_one_epoch", spy)
     flags = [a for a in QUICK if a not in ("--epochs", "1", "--model", "resnet8")]
     summary = train.main(config.parse_args([*flags, "--model", "airnet_s", "--epochs", "4", "--prog_resize", "16",
+                                            "--prog_resize_until", "0.5",
                                             "--output_dir", str(out)]))
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["train_size"]) for r in rows] == [train_size(e, 4, 28, 16, 0.75) for e in range(4)] \
-        == sides == [16, 20, 24, 28]
+    # ramp round(0.5 * 4) = 2 epochs: 16, 16 + 12 * 0.5 = 22 -> 20, then full size (0.75 would give 16 20 24 28)
+    assert [int(r["train_size"]) for r in rows] == [train_size(e, 4, 28, 16, 0.5) for e in range(4)] \
+        == sides == [16, 20, 28, 28]
     assert summary["test_acc"] > 0.3  # evaluated on full-size images, well above chance
 
     assert "cannot take 16-px images" in cli_error(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from utils.errors import UserError
 
@@ -117,3 +118,12 @@ def topk_hits(logits, target, topk=(1, 5)):
     pred = logits.topk(maxk, dim=1).indices
     hit = pred.eq(target[:, None])
     return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
+
+
+def resize_square(x, side):
+    """Float NCHW batch -> side x side, antialiased bilinear (PIL's resize filter); keeps the memory format, and
+    returns x itself when it is that size already. The one resize of the repository: data conversion, the KD
+    teacher's input, --prog_resize, the audit's thumbnails."""
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)

@@ -8,7 +8,6 @@ statistics) to the size it is tested at.
 Models must accept any image size (global pooling before the head): the MLP does not.
 """
 import torch
-import torch.nn.functional as F
 
 from utils.errors import UserError
 
@@ -50,11 +49,3 @@ def check_any_size(model, side, full, in_chans, device, name):
                         f"({str(e).splitlines()[0]}); use a model with global pooling, or drop --prog_resize") from None
     finally:
         model.train(was_training)
-
-
-def resize_batch(x, side):
-    """Float NCHW batch -> side x side (antialiased bilinear, as datasets.convert_uint8 resizes), same memory
-    format; unchanged when already that size."""
-    if x.shape[-1] == side and x.shape[-2] == side:
-        return x
-    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
