@@ -87,6 +87,11 @@ def _add_optim_args(p):
                    help="linear scaling rule: lr = lr * batch_size * world_size / B (0 = off)")
     g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global grad norm (0 = off)")
     g.add_argument("--label_smoothing", type=float, default=0.0)
+    g.add_argument("--infobatch", type=float, default=0.0, metavar="R",
+                   help="InfoBatch data pruning: each epoch leaves out a random fraction R of the samples whose last "
+                        "loss is below the mean and up-weights the rest of them (0 = off; paper: 0.5)")
+    g.add_argument("--infobatch_anneal", type=float, default=0.875, metavar="FRAC",
+                   help="--infobatch prunes in this fraction of the epochs; the rest train on every sample")
 
 
 def _add_schedule_args(p):

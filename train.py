@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
-from datasets import build_data, inverse_frequency_weights
+from datasets import IN_MEMORY, build_data, inverse_frequency_weights
 from datasets.transforms import build_batch_augment, describe as describe_aug
 from models import build_model, model_config, model_summary
 from utils import distributed as dist_utils
@@ -26,6 +26,7 @@ from utils.budget import TimeBudget, eval_share, replan_schedule
 from utils.checkpoint import get_rng_state, load_checkpoint, load_model, load_state, save_checkpoint, set_rng_state
 from utils.ema import ModelEMA
 from utils.errors import UserError, run_cli
+from utils.infobatch import InfoBatch
 from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
 from utils.lookahead import Lookahead
 from utils.logger import setup_logging
@@ -57,11 +58,15 @@ def _non_finite(epoch, step, sync_every):
 
 def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, epoch, *, mix=None,
                     attack=None, attack_loss=None, awp=None, ema=None, unwrapped=None, step_sched=True,
-                    clip_grad=0.0, teacher=None, progress=False, sync_every=None, lookahead=None, side=None):
+                    clip_grad=0.0, teacher=None, progress=False, sync_every=None, lookahead=None, side=None,
+                    prune=None, sched_steps=None):
     """One pass over the training data. Each trick enters at one visible call point.
 
     `model` may be DDP/compile-wrapped; `unwrapped` is the plain module (EMA source, attack target).
     side: train on images resized to side x side (--prog_resize); None keeps the loader's size.
+    prune: an InfoBatch (--infobatch): the loader yields (x, y, sample indices) and the loss is its weighted
+    per-sample mean. sched_steps: schedule steps per full epoch; an epoch of fewer batches (pruned) steps the
+    schedule proportionally more often, so each epoch ends where a full one would.
     sync_every: steps between host syncs for the non-finite-loss check (default: 1 on the CPU, where a sync is
     free, SYNC_EVERY elsewhere, where .item() every step would stall the device queue).
     """
@@ -73,7 +78,9 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
     correct = torch.zeros((), dtype=torch.int64, device=prec.device)
     seen, t0 = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar):
+    num_steps = len(loader)
+    sched_steps = sched_steps or num_steps
+    for step, (x, y, *idx) in enumerate(bar):
         x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
         if side is not None:
             x = resize_square(x, side)  # progressive resizing: every trick below sees the resized batch
@@ -93,7 +100,10 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         optimizer.zero_grad(set_to_none=True)
         with prec.autocast():
             logits = model(x)
-            loss = criterion(logits, y) if teacher is None else criterion(logits, y, teacher_logits)
+            if prune is not None:
+                loss = prune.batch_loss(criterion(logits, y, reduction="none"), idx[0])
+            else:
+                loss = criterion(logits, y) if teacher is None else criterion(logits, y, teacher_logits)
         n = y.shape[0]
         loss_sum += loss.detach().double() * n
         if (step + 1) % sync_every == 0 and not dist_utils.all_finite(loss_sum.item(), prec.device):
@@ -106,8 +116,9 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        if step_sched:
-            sched.step()  # per-iteration schedule (SWA sets the lr per epoch instead)
+        if step_sched:  # per-iteration schedule (SWA sets the lr per epoch instead)
+            for _ in range((step + 1) * sched_steps // num_steps - step * sched_steps // num_steps):
+                sched.step()  # once per step, unless the epoch is shorter than sched_steps
         if lookahead is not None:
             lookahead.step()  # every k-th step: slow += alpha (fast - slow); fast = slow
         if ema is not None:
@@ -180,7 +191,7 @@ def whitening_batch(data, seed, n=5000):
         idx = torch.randperm(len(data.train_images), generator=g)[:n]
         return data.train_images[idx.to(data.train_images.device)]
     batches, count = [], 0
-    for x, _ in data.train_loader:
+    for x, *_ in data.train_loader:
         batches.append(x)
         count += len(x)
         if count >= n:
@@ -218,8 +229,27 @@ def check_args(args):
         raise UserError(f"--prog_resize {args.prog_resize} / --prog_resize_until {args.prog_resize_until:g}: "
                         "the start side must be at least 8 px (0 = off) and the fraction in (0, 1], e.g. "
                         "--prog_resize 16 --prog_resize_until 0.75")
+    if args.infobatch:
+        check_infobatch(args)
     if args.eval_interval > 1 and args.scheduler == "plateau":
         raise UserError("--scheduler plateau steps on every epoch's validation accuracy; use --eval_interval 1")
+
+
+def check_infobatch(args):
+    """--infobatch needs per-sample losses of plain samples, indexed in-memory data and one process."""
+    if not 0.0 < args.infobatch < 1.0 or not 0.0 <= args.infobatch_anneal <= 1.0:
+        raise UserError(f"--infobatch {args.infobatch:g} / --infobatch_anneal {args.infobatch_anneal:g}: the pruned "
+                        "fraction must be in (0, 1) (0 = off) and the anneal fraction in [0, 1], e.g. "
+                        "--infobatch 0.5 --infobatch_anneal 0.875")
+    clash = [flag for flag, on in (("--mixup_alpha/--cutmix_alpha/--mosaic (mixed samples have no own loss)",
+                                    args.mixup_alpha or args.cutmix_alpha or args.mosaic),
+                                   (f"--adv {args.adv}", args.adv != "none"),
+                                   ("--balanced_sampler", args.balanced_sampler),
+                                   ("torchrun (scores are per process)", int(os.environ.get("WORLD_SIZE", "1")) > 1),
+                                   (f"--dataset {args.dataset} (file datasets; it needs in-memory data: "
+                                    f"{', '.join(IN_MEMORY)})", args.dataset not in IN_MEMORY)) if on]
+    if clash:
+        raise UserError(f"--infobatch does not combine with {clash[0]}; drop one of them")
 
 
 def setup_run(args):
@@ -252,6 +282,8 @@ def main(args, build_loss=None):
     train_distill.py swap the loss: it returns (criterion, teacher_or_None, extra_summary)."""
     started = time.perf_counter()  # --time_budget counts from here
     check_args(args)
+    if build_loss is not None and args.infobatch:
+        raise UserError("--infobatch is not supported by train_distill.py (its loss is not per sample); drop it")
     dist, prec = setup_run(args)
     log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | "
              f"channels_last {prec.channels_last} | world size {dist.world_size} | threads {torch.get_num_threads()}")
@@ -285,7 +317,7 @@ def main(args, build_loss=None):
     log.info(f"model {args.model}: {params / 1e6:.3f} M params, {flops / 1e6:.1f} MFLOPs per image")
     model.to(prec.device)
     if args.init == "lsuv":
-        x0, _ = next(iter(data.train_loader))
+        x0 = next(iter(data.train_loader))[0]
         lsuv_init(model, x0.float().div(255), args.lsuv_tol, args.lsuv_max_iter)
     elif args.init != "default":
         init_weights(model, args.init, args.init_mode, args.init_nonlinearity)
@@ -322,6 +354,8 @@ def main(args, build_loss=None):
         log.info(f"aug: {line}")
     attack = build_attack(args)
     awp = AWP(model, args.awp_gamma) if args.adv == "awp" else None
+    prune = (InfoBatch(len(data.train_labels), args.infobatch, args.infobatch_anneal, args.seed,
+                       data.train_loader.images.device) if args.infobatch else None)
     teacher, extra_summary = None, {}
     if build_loss is not None:
         criterion, teacher, extra_summary = build_loss(args, data, prec, criterion)
@@ -330,7 +364,7 @@ def main(args, build_loss=None):
     start_epoch, best_acc, history, metrics = 0, 0.0, [], {}
     if args.resume:
         start_epoch, best_acc, history, metrics = restore_run(
-            args.resume, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead)
+            args.resume, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead, prune)
     train_seconds = metrics.get("train_seconds", 0.0)
     epochs = (args.time_budget and metrics.get("planned_epochs")) or args.epochs  # a budget may plan fewer
     budget = None
@@ -363,7 +397,10 @@ def main(args, build_loss=None):
     progress = dist.is_main and not args.no_progress and os.isatty(1)
     val = {}
     adv_eval = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
-    cost = epoch_cost(data.img_size, args.prog_resize, args.prog_resize_until)  # 1 without --prog_resize
+    resize_cost = epoch_cost(data.img_size, args.prog_resize, args.prog_resize_until)  # 1 without --prog_resize
+
+    def cost(k, e):  # epoch k's (1-based) share of a full epoch's time in a run of e epochs, for the budget
+        return resize_cost(k, e) * (prune.cost(k, e) if prune is not None else 1.0)
     if budget is not None:
         budget.begin()
     for epoch in range(start_epoch, args.epochs):
@@ -372,13 +409,17 @@ def main(args, build_loss=None):
         data.train_loader.set_epoch(epoch)
         swa_on = swa is not None and swa.active(epoch)
         side = train_size(epoch, epochs, data.img_size, args.prog_resize, args.prog_resize_until)
+        if prune is not None:
+            selected = prune.select(epoch, epochs)
+            data.train_loader.set_subset(selected)
         stats = train_one_epoch(
             train_model, data.train_loader, optimizer, sched, criterion, scaler, prec, epoch,
             mix=None if args.mix_off_epoch and epoch + 1 >= args.mix_off_epoch else mix,  # epochs count from 1
             attack=attack, attack_loss=attack_loss,
             awp=awp if awp is not None and epoch >= args.awp_start_epoch else None,
             ema=ema, unwrapped=model, step_sched=not swa_on, clip_grad=args.clip_grad,
-            teacher=teacher, progress=progress, lookahead=lookahead, side=side if args.prog_resize else None)
+            teacher=teacher, progress=progress, lookahead=lookahead, side=side if args.prog_resize else None,
+            prune=prune, sched_steps=steps_per_epoch)
         train_seconds += stats["epoch_seconds"]
         if dist.enabled:  # without --sync_bn each rank's BatchNorm statistics saw only its shard: evaluate and
             dist_utils.average_buffers(model)  # save one model, their average (timm's --dist_bn reduce)
@@ -387,8 +428,11 @@ def main(args, build_loss=None):
         row = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
         if args.prog_resize:
             row["train_size"] = side
+        if prune is not None:
+            row["train_samples"] = len(selected) if selected is not None else len(data.train_labels)
         if budget is not None:
-            planned = budget.plan(epoch + 1, cost(epoch + 1, epochs), cost)
+            done_cost = resize_cost(epoch + 1, epochs) * len(data.train_loader) / steps_per_epoch
+            planned = budget.plan(epoch + 1, done_cost, cost)
             planned = dist_utils.all_gather_object(planned)[0]  # every rank follows rank 0
             if planned != epochs:
                 log.info(f"time budget {args.time_budget:g} min: {budget.elapsed() / 60:.1f} min used, "
@@ -425,6 +469,7 @@ def main(args, build_loss=None):
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                     "swa": swa.state_dict() if swa is not None else None, "epoch": epoch + 1,
                     "lookahead": lookahead.state_dict() if lookahead is not None else None,
+                    "infobatch": prune.state_dict() if prune is not None else None,
                     "rng": rng[0], "rng_ranks": rng if dist.enabled else None, "best_val_acc": best_acc,
                     "metrics": {"history": history, "train_seconds": train_seconds,
                                 "planned_epochs": epochs if budget is not None else None,
@@ -436,6 +481,8 @@ def main(args, build_loss=None):
             plot_curves(os.path.join(args.output_dir, "curves.png"), history)
 
     # ---- end of training: evaluation report, SWA batch-norm update, test split, summary ----------
+    if prune is not None:
+        data.train_loader.set_subset(None)  # SWA's batch-norm statistics see every sample
     if dist.is_main and "probs" in val:
         write_eval_report(args.output_dir, val["probs"], val["targets"], data.class_names,
                           loader_image_getter(data.val_loader))
@@ -449,7 +496,7 @@ def main(args, build_loss=None):
     return summary
 
 
-def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead=None):
+def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead=None, prune=None):
     """--resume: load every piece of state back; returns (start_epoch, best_acc, history, metrics dict)."""
     ckpt = load_checkpoint(path)
     if ckpt["model_config"] != mcfg:
@@ -467,6 +514,8 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, loo
         swa.load_state_dict(ckpt["swa"])
     if lookahead is not None and ckpt.get("lookahead"):
         lookahead.load_state_dict(ckpt["lookahead"])
+    if prune is not None and ckpt.get("infobatch"):
+        prune.load_state_dict(ckpt["infobatch"])
     rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if len(rng) == dist.world_size:
         # each rank continues its own augmentation stream

@@ -176,7 +176,8 @@ def build_data(args, rank=0, world_size=1, device="cpu"):
                                       seed=args.seed, drop_last=True,
                                       batch_aug=build_batch_augment(args, in_chans), rank=rank,
                                       world_size=world_size, device=device, sampler_weights=weights,
-                                      alternate_flip=args.hflip_mode == "alternate")
+                                      alternate_flip=args.hflip_mode == "alternate",
+                                      with_index=getattr(args, "infobatch", 0) > 0)
 
         def eval_loader(split):
             return InMemoryLoader(split[0], split[1], args.batch_size, shuffle=False, seed=args.seed,

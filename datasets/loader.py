@@ -60,7 +60,7 @@ class InMemoryLoader:
 
     def __init__(self, images_uint8, labels, batch_size, shuffle, seed, drop_last=False,
                  batch_aug=None, rank=0, world_size=1, device="cpu", sampler_weights=None,
-                 alternate_flip=False):
+                 alternate_flip=False, with_index=False):
         if images_uint8.dtype != torch.uint8:
             raise TypeError(f"images must be uint8, got {images_uint8.dtype}")
         device = torch.device(device)
@@ -71,25 +71,41 @@ class InMemoryLoader:
         self.batch_aug, self.rank, self.world_size = batch_aug, rank, world_size
         self.weights = sampler_weights
         self.epoch = 0
+        self.drop_last = drop_last
+        self.with_index = with_index  # also yield each batch's sample indices (--infobatch scores them)
+        self.subset = None  # set_subset: this epoch visits only these samples
         # Alternating flips (airbench): image i is mirrored in epoch e iff flip_bits[i] xor (e odd), so every
         # image is seen both ways in any two consecutive epochs; the bits are a seeded random half.
         self.flip_bits = None
         if alternate_flip:
             g = torch.Generator().manual_seed(seed + 0x5EED)
             self.flip_bits = torch.randint(0, 2, (len(self.labels),), generator=g, dtype=torch.bool).to(device)
-        train = shuffle or sampler_weights is not None
-        count = shard_size(len(self.labels), train, rank, world_size)
-        self.num_batches = _num_batches(count, batch_size, drop_last)
+        self.num_batches = self._count_batches(len(self.labels))
+
+    def _count_batches(self, n):
+        train = self.shuffle or self.weights is not None
+        return _num_batches(shard_size(n, train, self.rank, self.world_size), self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    def set_subset(self, indices):
+        """Visit only `indices` (an int64 tensor of sample indices, in the epoch's seeded order) until the
+        next call; None visits every sample again. Sampler weights do not combine with a subset."""
+        if indices is not None and self.weights is not None:
+            raise ValueError("a subset and sampler weights do not combine")
+        self.subset = None if indices is None else indices.to(self.images.device)
+        self.num_batches = self._count_batches(len(self.labels) if indices is None else len(indices))
 
     def __len__(self):
         return self.num_batches
 
     def __iter__(self):
-        idx = epoch_indices(len(self.labels), self.shuffle, self.seed, self.epoch, self.rank,
-                            self.world_size, self.weights).to(self.images.device)
+        n = len(self.labels) if self.subset is None else len(self.subset)
+        idx = epoch_indices(n, self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
+                            self.weights).to(self.images.device)
+        if self.subset is not None:
+            idx = self.subset[idx]
         for b in range(self.num_batches):
             j = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[j]
@@ -98,7 +114,7 @@ class InMemoryLoader:
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             if self.batch_aug is not None:
                 x = self.batch_aug(x)
-            yield x, self.labels[j]
+            yield (x, self.labels[j], j) if self.with_index else (x, self.labels[j])
 
 
 class EpochSampler(Sampler):
