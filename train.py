@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
-from datasets import IN_MEMORY, build_data, inverse_frequency_weights
+from datasets import build_data, inverse_frequency_weights
 from datasets.transforms import build_batch_augment, describe as describe_aug
 from models import build_model, model_config, model_summary
 from utils import distributed as dist_utils
@@ -26,7 +26,7 @@ from utils.budget import TimeBudget, eval_share, replan_schedule
 from utils.checkpoint import get_rng_state, load_checkpoint, load_model, load_state, save_checkpoint, set_rng_state
 from utils.ema import ModelEMA
 from utils.errors import UserError, run_cli
-from utils.infobatch import InfoBatch
+from utils.infobatch import InfoBatch, check_infobatch
 from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
 from utils.lookahead import Lookahead
 from utils.logger import setup_logging
@@ -233,23 +233,6 @@ def check_args(args):
         check_infobatch(args)
     if args.eval_interval > 1 and args.scheduler == "plateau":
         raise UserError("--scheduler plateau steps on every epoch's validation accuracy; use --eval_interval 1")
-
-
-def check_infobatch(args):
-    """--infobatch needs per-sample losses of plain samples, indexed in-memory data and one process."""
-    if not 0.0 < args.infobatch < 1.0 or not 0.0 <= args.infobatch_anneal <= 1.0:
-        raise UserError(f"--infobatch {args.infobatch:g} / --infobatch_anneal {args.infobatch_anneal:g}: the pruned "
-                        "fraction must be in (0, 1) (0 = off) and the anneal fraction in [0, 1], e.g. "
-                        "--infobatch 0.5 --infobatch_anneal 0.875")
-    clash = [flag for flag, on in (("--mixup_alpha/--cutmix_alpha/--mosaic (mixed samples have no own loss)",
-                                    args.mixup_alpha or args.cutmix_alpha or args.mosaic),
-                                   (f"--adv {args.adv}", args.adv != "none"),
-                                   ("--balanced_sampler", args.balanced_sampler),
-                                   ("torchrun (scores are per process)", int(os.environ.get("WORLD_SIZE", "1")) > 1),
-                                   (f"--dataset {args.dataset} (file datasets; it needs in-memory data: "
-                                    f"{', '.join(IN_MEMORY)})", args.dataset not in IN_MEMORY)) if on]
-    if clash:
-        raise UserError(f"--infobatch does not combine with {clash[0]}; drop one of them")
 
 
 def setup_run(args):

@@ -14,9 +14,11 @@ per-iteration learning-rate schedule is stepped in proportion to the epoch's len
 every epoch boundary is that of the same run without pruning; single process only.
 """
 import math
+import os
 
 import torch
 
+from datasets import IN_MEMORY
 from datasets.loader import epoch_seed
 from utils.errors import UserError
 
@@ -76,3 +78,20 @@ class InfoBatch:
                             f"training set has {len(self.scores)}; resume with the run's own data flags")
         self.scores.copy_(state["scores"])
         self.kept_frac = state["kept_frac"]
+
+
+def check_infobatch(args):
+    """--infobatch needs per-sample losses of plain samples, indexed in-memory data and one process."""
+    if not 0.0 < args.infobatch < 1.0 or not 0.0 <= args.infobatch_anneal <= 1.0:
+        raise UserError(f"--infobatch {args.infobatch:g} / --infobatch_anneal {args.infobatch_anneal:g}: the pruned "
+                        "fraction must be in (0, 1) (0 = off) and the anneal fraction in [0, 1], e.g. "
+                        "--infobatch 0.5 --infobatch_anneal 0.875")
+    clash = [flag for flag, on in (("--mixup_alpha/--cutmix_alpha/--mosaic (mixed samples have no own loss)",
+                                    args.mixup_alpha or args.cutmix_alpha or args.mosaic),
+                                   (f"--adv {args.adv}", args.adv != "none"),
+                                   ("--balanced_sampler", args.balanced_sampler),
+                                   ("torchrun (scores are per process)", int(os.environ.get("WORLD_SIZE", "1")) > 1),
+                                   (f"--dataset {args.dataset} (file datasets; it needs in-memory data: "
+                                    f"{', '.join(IN_MEMORY)})", args.dataset not in IN_MEMORY)) if on]
+    if clash:
+        raise UserError(f"--infobatch does not combine with {clash[0]}; drop one of them")
