@@ -404,6 +404,8 @@ def main(args, build_loss=None):
             teacher=teacher, progress=progress, lookahead=lookahead, side=side if args.prog_resize else None,
             prune=prune, sched_steps=steps_per_epoch)
         train_seconds += stats["epoch_seconds"]
+        if prune is not None:
+            prune.end_epoch()  # a collective under torchrun: every rank gets every rank's new scores
         if dist.enabled:  # without --sync_bn each rank's BatchNorm statistics saw only its shard: evaluate and
             dist_utils.average_buffers(model)  # save one model, their average (timm's --dist_bn reduce)
             if ema is not None:

@@ -28,6 +28,8 @@ COMMON = ["--model", "mlp_student", "--no-amp", "--deterministic", "--warmup_epo
           "--train_subset", "256", "--eval_subset", str(N_EVAL), "--epochs", "1", "--opt", "sgd",
           "--weight_decay", "0", "--device", "cpu", "--no_progress", "--lr", "0.05", "--lr_base_batch", "32",
           "--scheduler", "constant", "--ema", "--ema_decay", "0.5"]
+# 3 epochs of InfoBatch: epochs 2-3 prune from the scores every rank recorded for its shard in the epoch before
+INFOBATCH = ["--infobatch", "0.5", "--infobatch_anneal", "1", "--epochs", "3"]
 EVAL = ["--eval_only", "--train_subset", "256", "--eval_subset", str(N_EVAL), "--batch_size", "64",
         "--device", "cpu", "--no_progress"]
 RUN_FILES = {"best.pt", "config.yaml", "curves.png", "last.pt", "metrics.csv", "summary.json", "train.log"}
@@ -62,7 +64,8 @@ def metrics(path):
 def runs(tmp_path_factory):
     """All launches once: 2-process epoch 1 (A), its torchrun --resume to epoch 2 (A2), then in one
     interpreter the 1-process runs (B, B2), evaluations of A (E, E_ema) and --sync_bn on CPU (S). N: a
-    2-process run of a BatchNorm model (ResNet-8), and E_N / E_N_ema its checkpoint evaluated by one process."""
+    2-process run of a BatchNorm model (ResNet-8), and E_N / E_N_ema its checkpoint evaluated by one process.
+    I / IB: --infobatch with 2 processes / 1 process."""
     d = tmp_path_factory.mktemp("ddp")
     out = {"dir": d}
     out["A"] = torchrun([*COMMON, "--batch_size", "32", "--output_dir", "A"], d)
@@ -71,12 +74,15 @@ def runs(tmp_path_factory):
     assert out["A2"].returncode == 0, out["A2"].stderr[-3000:]
     out["N"] = torchrun([*COMMON, "--model", "resnet8", "--batch_size", "32", "--output_dir", "N"], d)
     assert out["N"].returncode == 0, out["N"].stderr[-3000:]
+    out["I"] = torchrun([*COMMON, *INFOBATCH, "--batch_size", "32", "--output_dir", "I"], d)
+    assert out["I"].returncode == 0, out["I"].stderr[-3000:]
     groups = [[*COMMON, "--batch_size", "64", "--output_dir", "B"],
               ["--resume", "B/last.pt", "--epochs", "2", "--output_dir", "B2", "--no_progress"],
               [*EVAL, "--ckpt", "A/last.pt", "--output_dir", "E"],
               [*EVAL, "--ckpt", "A/last.pt", "--use_ema", "--output_dir", "E_ema"],
               [*EVAL, "--ckpt", "N/last.pt", "--output_dir", "E_N"],
               [*EVAL, "--ckpt", "N/last.pt", "--use_ema", "--output_dir", "E_N_ema"],
+              [*COMMON, *INFOBATCH, "--batch_size", "64", "--output_dir", "IB"],
               ["--sync_bn", "--device", "cpu", "--no_progress", "--output_dir", "S"]]  # must fail: last
     argv = [a for g in groups for a in ("--next", *g)][1:]
     out["one"] = _run([os.path.join(ROOT, "tests", "run_many.py"), *argv], d)
@@ -160,7 +166,7 @@ def test_outputs_and_logs_come_from_rank_0_only(runs):
     # best.pt only when the resumed epoch beat the saved best, as in one process
     assert {p.name for p in (d / "A2").iterdir()} | {"best.pt"} == RUN_FILES
     # no stray run directory (rank 1 would default to runs/...) next to the ones asked for
-    assert {p.name for p in d.iterdir()} == {"A", "A2", "B", "B2", "E", "E_ema", "N", "E_N", "E_N_ema"}
+    assert {p.name for p in d.iterdir()} == {"A", "A2", "B", "B2", "E", "E_ema", "N", "E_N", "E_N_ema", "I", "IB"}
     for name, proc in (("A", runs["A"]), ("A2", runs["A2"])):
         log_text = (d / name / "train.log").read_text()
         epochs = int(metrics(d / name / "metrics.csv")[-1]["epoch"])
@@ -226,3 +232,14 @@ def test_rank_batches_together_are_the_single_process_batch():
     # evaluation: 101 samples over 2 ranks, each exactly once, no padding
     ev = [torch.cat(batches(r, 2, 32, shuffle=False, count=N_EVAL)) for r in (0, 1)]
     assert sorted(torch.cat(ev).tolist()) == list(range(N_EVAL))
+
+
+def test_infobatch_under_torchrun_matches_one_process(runs):
+    # the ranks share their scores after each epoch, so both select the same samples and take the same steps
+    d = runs["dir"]
+    i, ib = load(d / "I" / "last.pt"), load(d / "IB" / "last.pt")
+    samples = [int(r["train_samples"]) for r in metrics(d / "I" / "metrics.csv")]
+    assert samples == [int(r["train_samples"]) for r in metrics(d / "IB" / "metrics.csv")]
+    assert samples[0] == 256 and all(s < 256 for s in samples[1:])
+    torch.testing.assert_close(i["infobatch"]["scores"], ib["infobatch"]["scores"], rtol=0, atol=1e-5)
+    assert_same_weights(i["model"], ib["model"])

@@ -53,6 +53,13 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+def all_reduce_tensor_sum(t):
+    """Sum tensor `t` over all processes in place (no-op in one process); returns it."""
+    if _active():
+        dist.all_reduce(t)
+    return t
+
+
 def all_finite(value, device):
     """Whether `value` (a number) is finite on every process. A collective: all ranks must call it at the same
     step, or a rank that stopped alone on a bad loss would leave the others waiting in DDP's gradient all-reduce."""

@@ -11,15 +11,16 @@ sample with weight 1. The paper reports lossless training at R = 0.5, anneal 0.8
 Deviations and choices here: the random pruning is drawn from a generator seeded by (--seed, epoch), so a
 resumed run selects exactly what the uninterrupted one did (the scores travel in the checkpoint); the
 per-iteration learning-rate schedule is stepped in proportion to the epoch's length (train.py), so the lr at
-every epoch boundary is that of the same run without pruning; single process only.
+every epoch boundary is that of the same run without pruning. Under torchrun every rank scores its shard of the
+epoch's samples and `end_epoch` shares the new scores, so all ranks select the same samples next epoch.
 """
 import math
-import os
 
 import torch
 
 from datasets import IN_MEMORY
 from datasets.loader import epoch_seed
+from utils import distributed as dist_utils
 from utils.errors import UserError
 
 _SALT = 0x1FB0  # keeps the pruning draws apart from the loader's order, which is seeded by (seed, epoch) too
@@ -33,6 +34,7 @@ class InfoBatch:
         self.ratio, self.anneal, self.seed = ratio, anneal, seed
         self.scores = torch.ones(n, device=device)
         self.weights = torch.ones(n, device=device)
+        self.fresh = torch.zeros(n, dtype=torch.bool, device=device)  # scored this epoch (by this process)
         self.kept_frac = 1.0  # share of the samples the last pruned epoch trained on (the budget's forecast)
 
     def pruning(self, epoch, epochs):
@@ -63,7 +65,17 @@ class InfoBatch:
     def batch_loss(self, losses, idx):
         """The loss to minimise from the batch's per-sample losses (samples `idx`); records them as scores."""
         self.scores[idx] = losses.detach().float()
+        self.fresh[idx] = True
         return (losses * self.weights[idx]).mean()
+
+    def end_epoch(self):
+        """After an epoch: under torchrun, every rank takes the scores the other ranks recorded (a sample two
+        ranks saw, through the padding of uneven shards, gets their mean); in one process the scores stay as
+        recorded."""
+        total = dist_utils.all_reduce_tensor_sum(torch.where(self.fresh, self.scores, 0.0))
+        count = dist_utils.all_reduce_tensor_sum(self.fresh.float())
+        self.scores = torch.where(count > 0, total / count.clamp(min=1.0), self.scores)
+        self.fresh.zero_()
 
     def cost(self, k, epochs):
         """Epoch k's (1-based) forecast share of a full epoch's time, for --time_budget."""
@@ -81,7 +93,7 @@ class InfoBatch:
 
 
 def check_infobatch(args):
-    """--infobatch needs per-sample losses of plain samples, indexed in-memory data and one process."""
+    """--infobatch needs per-sample losses of plain samples and indexed in-memory data."""
     if not 0.0 < args.infobatch < 1.0 or not 0.0 <= args.infobatch_anneal <= 1.0:
         raise UserError(f"--infobatch {args.infobatch:g} / --infobatch_anneal {args.infobatch_anneal:g}: the pruned "
                         "fraction must be in (0, 1) (0 = off) and the anneal fraction in [0, 1], e.g. "
@@ -90,7 +102,6 @@ def check_infobatch(args):
                                     args.mixup_alpha or args.cutmix_alpha or args.mosaic),
                                    (f"--adv {args.adv}", args.adv != "none"),
                                    ("--balanced_sampler", args.balanced_sampler),
-                                   ("torchrun (scores are per process)", int(os.environ.get("WORLD_SIZE", "1")) > 1),
                                    (f"--dataset {args.dataset} (file datasets; it needs in-memory data: "
                                     f"{', '.join(IN_MEMORY)})", args.dataset not in IN_MEMORY)) if on]
     if clash:
