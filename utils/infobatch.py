@@ -30,7 +30,7 @@ class InfoBatch:
     """Per-sample scores and the per-epoch selection for `n` training samples (tensors on `device`)."""
 
     def __init__(self, n, ratio, anneal, seed, device="cpu"):
-        """ratio in (0, 1), anneal in [0, 1] (train.check_infobatch checks the flags)."""
+        """ratio in (0, 1), anneal in [0, 1] (check_infobatch below checks the flags)."""
         self.ratio, self.anneal, self.seed = ratio, anneal, seed
         self.scores = torch.ones(n, device=device)
         self.weights = torch.ones(n, device=device)

@@ -18,7 +18,8 @@ def update_bn_uint8(loader, model, device):
     Resets every BatchNorm's running statistics, then sets them to the cumulative average over the
     batches (momentum=None); model.training and the momenta are restored afterwards.
     """
-    update_bn((x.to(device, non_blocking=True).float().div_(255) for x, *_ in loader), model)  # *_: labels (and --infobatch's indices)
+    # batches are (x, y) or, under --infobatch, (x, y, sample indices)
+    update_bn((x.to(device, non_blocking=True).float().div_(255) for x, *_ in loader), model)
 
 
 class SWA:
