@@ -240,6 +240,10 @@ def _add_run_args(p):
                         "on CUDA")
     g.add_argument("--amp_dtype", default="auto", choices=("auto", "bf16", "fp16"))
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--fp32_precision", default="default", choices=("default", "ieee", "bf16", "tf32"),
+                   help="fp32 conv/matmul math: default = torch's (CPU ieee, CUDA cuDNN convs tf32); bf16 = oneDNN "
+                        "bf16 inputs with fp32 accumulation (CPUs with AVX512-BF16/AMX; weights stay fp32); "
+                        "tf32 = CUDA TF32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
     g.add_argument("--sync_bn", action="store_true", help="DDP on CUDA: SyncBatchNorm")

@@ -30,7 +30,8 @@ from utils.infobatch import InfoBatch, check_infobatch
 from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
 from utils.lookahead import Lookahead
 from utils.logger import setup_logging
-from utils.misc import make_precision, resize_square, resolve_device, seed_everything, topk_hits, tta_views
+from utils.misc import (make_precision, resize_square, resolve_device, seed_everything, set_fp32_precision,
+                        topk_hits, tta_views)
 from utils.mix import build_mixer
 from utils.optim import build_optimizer, scaled_lr
 from utils.outputs import plot_curves, prepare_output_dir, write_json, write_metrics_csv
@@ -241,6 +242,7 @@ def setup_run(args):
     dist = dist_utils.init_distributed(device.type == "cuda")
     if args.sync_bn and device.type != "cuda":
         raise UserError("--sync_bn needs CUDA (SyncBatchNorm does not run on CPU); drop it for CPU runs")
+    set_fp32_precision(device, args.fp32_precision)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed + dist.rank, args.deterministic)
@@ -269,7 +271,8 @@ def main(args, build_loss=None):
         raise UserError("--infobatch is not supported by train_distill.py (its loss is not per sample); drop it")
     dist, prec = setup_run(args)
     log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | "
-             f"channels_last {prec.channels_last} | world size {dist.world_size} | threads {torch.get_num_threads()}")
+             f"channels_last {prec.channels_last} | fp32 math {args.fp32_precision} | world size {dist.world_size} | "
+             f"threads {torch.get_num_threads()}")
 
     # ---- data -------------------------------------------------------------------------------
     data = build_data(args, rank=dist.rank, world_size=dist.world_size, device=prec.device)

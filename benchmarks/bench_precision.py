@@ -1,4 +1,5 @@
-"""CPU speed defaults by measurement: fp32 / bf16 autocast x NCHW / channels_last, torch.compile, thread count.
+"""CPU speed defaults by measurement: fp32 / bf16 autocast x NCHW / channels_last, fp32 with bf16 conv math
+(--fp32_precision bf16), torch.compile, thread count.
 
 train.py's `train_one_epoch` on fixed pre-gathered batches (as bench_loop.py); every variant at every --threads
 setting, alternating round by round in one process; compile time reported apart. bf16 pays only with AMX
@@ -22,18 +23,19 @@ import config  # noqa: E402
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
 from models import build_model  # noqa: E402
-from utils.misc import make_precision  # noqa: E402
+from utils.misc import make_precision, set_fp32_precision  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 from utils.scheduler import build_scheduler  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
-# name -> (amp, channels_last, compile, the train.py flags that select it)
+# name -> (amp, channels_last, compile, fp32 conv/matmul math, the train.py flags that select it)
 VARIANTS = {
-    "fp32 NCHW": (False, False, False, "--no-channels_last"),
-    "fp32 channels_last": (False, True, False, "(default)"),
-    "bf16 NCHW": (True, False, False, "--amp --no-channels_last"),
-    "bf16 channels_last": (True, True, False, "--amp"),
-    "compile fp32 channels_last": (False, True, True, "--compile"),
+    "fp32 NCHW": (False, False, False, "ieee", "--no-channels_last"),
+    "fp32 channels_last": (False, True, False, "ieee", "(default)"),
+    "fp32 bf16-math channels_last": (False, True, False, "bf16", "--fp32_precision bf16"),
+    "bf16 NCHW": (True, False, False, "ieee", "--amp --no-channels_last"),
+    "bf16 channels_last": (True, True, False, "ieee", "--amp"),
+    "compile fp32 channels_last": (False, True, True, "ieee", "--compile"),
 }
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
 
@@ -71,13 +73,15 @@ def main():
         b.models, b.steps, b.rounds = "resnet8", 2, 1
     threads = [int(t) for t in b.threads.split(",")]
     variants = {k: v for k, v in VARIANTS.items() if b.compile or not v[2]}
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # --fp32_precision bf16 is refused on such CPUs
+        variants = {k: v for k, v in variants.items() if v[3] != "bf16"}
 
     args = config.parse_args(["--batch_size", str(b.batch_size), "--device", "cpu",
                               "--train_subset", str(b.batch_size * b.steps), "--no_progress"])
     data = build_data(args)
     batches = [(x.clone(), y.clone()) for x, y in data.train_loader][: b.steps]
 
-    def make_run(model_name, amp, channels_last, compiled):
+    def make_run(model_name, amp, channels_last, compiled, math):
         torch.manual_seed(0)
         prec = make_precision(torch.device("cpu"), amp, "bf16", channels_last)
         m = build_model(model_name, data.num_classes, data.in_chans, data.img_size, data.mean, data.std)
@@ -88,12 +92,16 @@ def main():
         step_model = torch.compile(m) if compiled else m
         opt = build_optimizer(m, args, args.lr)
         sched, scaler = build_scheduler(opt, args, len(batches)), prec.scaler()
-        return lambda: train.train_one_epoch(step_model, batches, opt, sched, train.make_criterion(), scaler,
-                                             prec, 0, unwrapped=m)
+
+        def run():  # the math setting is process-wide: each variant sets its own before it runs
+            set_fp32_precision(torch.device("cpu"), math)
+            train.train_one_epoch(step_model, batches, opt, sched, train.make_criterion(), scaler, prec, 0,
+                                  unwrapped=m)
+        return run
 
     rows, compile_seconds = [], {}
     for model_name in b.models.split(","):
-        runs = {(name, t): make_run(model_name, *v[:3]) for t in threads for name, v in variants.items()}
+        runs = {(name, t): make_run(model_name, *v[:4]) for t in threads for name, v in variants.items()}
         first = {}
         for (name, t), run in runs.items():  # warm-up (and compile): oneDNN primitives, Inductor kernels
             torch.set_num_threads(t)
@@ -115,7 +123,7 @@ def main():
                 compile_seconds[f"{model_name}, threads={t}"] = first[(name, t)] - med
             rows.append({"model": model_name, "variant": name, "threads": t,
                          "images_per_second": b.steps * b.batch_size / med, "step_ms": 1000 * med / b.steps,
-                         "train_py_flags": f"{variants[name][3]} --threads {t}".replace("(default) ", "")})
+                         "train_py_flags": f"{variants[name][4]} --threads {t}".replace("(default) ", "")})
 
     fastest = {}
     print("| model | variant | threads | img/s | ms/step | vs fp32 NCHW | train.py flags |")

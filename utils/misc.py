@@ -94,6 +94,38 @@ def make_precision(device, amp, amp_dtype="auto", channels_last=False):
     return Precision(device, dtype, bool(amp), bool(channels_last))
 
 
+FP32_PRECISIONS = ("default", "ieee", "bf16", "tf32")
+
+
+def set_fp32_precision(device, mode):
+    """--fp32_precision: how fp32 convolutions and matmuls compute (a process-wide torch setting).
+
+    default leaves torch's own choice (CPU: IEEE fp32; CUDA: cuDNN convolutions in TF32, matmuls in fp32).
+    ieee: full fp32 everywhere. bf16 (CPU): oneDNN rounds the inputs of each conv/matmul to bf16 and accumulates
+    in fp32 (AVX512-BF16 or AMX); weights, activations and the optimizer stay fp32, unlike --amp, which also runs
+    the elementwise layers in bf16. tf32 (CUDA): cuDNN convolutions and cuBLAS matmuls in TF32.
+    """
+    if mode not in FP32_PRECISIONS:
+        raise UserError(f"--fp32_precision {mode} is not one of {', '.join(FP32_PRECISIONS)}")
+    if mode == "default":
+        return
+    if device.type == "cuda":
+        if mode == "bf16":
+            raise UserError("--fp32_precision bf16 is a CPU (oneDNN) setting; on CUDA use --fp32_precision tf32 "
+                            "or --amp")
+        torch.backends.cudnn.conv.fp32_precision = mode
+        torch.backends.cuda.matmul.fp32_precision = mode
+        return
+    if mode == "tf32":
+        raise UserError("--fp32_precision tf32 is a CUDA setting; on CPU use bf16 (CPUs with AVX512-BF16 or AMX) "
+                        "or ieee")
+    if mode == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise UserError("--fp32_precision bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX), which this "
+                        "one lacks; drop the flag")
+    torch.backends.mkldnn.conv.fp32_precision = mode
+    torch.backends.mkldnn.matmul.fp32_precision = mode
+
+
 def tta_views(x, flip=False, shift=0):
     """Test-time views of a float NCHW batch in pixel space: the batch itself; with shift > 0 also the batch
     translated by (+shift, +shift) and (-shift, -shift) pixels with zero fill (as --crop_padding pads); with
