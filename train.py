@@ -341,7 +341,7 @@ def main(args, build_loss=None):
     attack = build_attack(args)
     awp = AWP(model, args.awp_gamma) if args.adv == "awp" else None
     prune = (InfoBatch(len(data.train_labels), args.infobatch, args.infobatch_anneal, args.seed,
-                       data.train_loader.images.device) if args.infobatch else None)
+                       prec.device) if args.infobatch else None)
     teacher, extra_summary = None, {}
     if build_loss is not None:
         criterion, teacher, extra_summary = build_loss(args, data, prec, criterion)

@@ -191,7 +191,8 @@ def build_data(args, rank=0, world_size=1, device="cpu"):
         train_loader = make_file_loader(train_set, args.batch_size, shuffle=True, seed=args.seed,
                                         drop_last=True, rank=rank, world_size=world_size,
                                         device=device, sampler_weights=weights,
-                                        workers=args.workers, worker_init_fn=seed_worker)
+                                        workers=args.workers, worker_init_fn=seed_worker,
+                                        with_index=getattr(args, "infobatch", 0) > 0)
 
         def eval_loader(split):
             return make_file_loader(ImageFileDataset(split[0], split[1], in_chans, img_size),

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def epoch_seed(seed, epoch):
@@ -124,47 +124,76 @@ class EpochSampler(Sampler):
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size, self.weights = rank, world_size, weights
         self.epoch = 0
+        self.subset = None  # set_subset, as InMemoryLoader's
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def set_subset(self, indices):
+        if indices is not None and self.weights is not None:
+            raise ValueError("a subset and sampler weights do not combine")
+        self.subset = None if indices is None else indices.cpu()
+
     def __iter__(self):
-        return iter(epoch_indices(self.n, self.shuffle, self.seed, self.epoch, self.rank,
-                                  self.world_size, self.weights).tolist())
+        n = self.n if self.subset is None else len(self.subset)
+        idx = epoch_indices(n, self.shuffle, self.seed, self.epoch, self.rank, self.world_size, self.weights)
+        return iter((idx if self.subset is None else self.subset[idx]).tolist())
 
     def __len__(self):
-        return shard_size(self.n, self.shuffle or self.weights is not None, self.rank,
-                          self.world_size)
+        return shard_size(self.n if self.subset is None else len(self.subset),
+                          self.shuffle or self.weights is not None, self.rank, self.world_size)
+
+
+class IndexedDataset(Dataset):
+    """Items of `dataset` with their index appended: (x, y, i), so batches carry their sample indices."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (*self.dataset[i], i)
 
 
 class FileLoader:
-    """A DataLoader plus `set_epoch` and an optional batch augmentation of the uint8 batch."""
+    """A DataLoader plus `set_epoch`, `set_subset` and an optional batch augmentation of the uint8 batch."""
 
-    def __init__(self, loader, sampler, batch_aug=None):
+    def __init__(self, loader, sampler, batch_aug=None, drop_last=False):
         self.loader, self.sampler, self.batch_aug = loader, sampler, batch_aug
+        self.drop_last = drop_last  # asked for; applied only when it leaves a batch (as _num_batches)
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)
+
+    def set_subset(self, indices):
+        """As InMemoryLoader.set_subset; the DataLoader's length follows its sampler's."""
+        self.sampler.set_subset(indices)
+        self.loader.batch_sampler.drop_last = self.drop_last and len(self.sampler) >= self.loader.batch_size
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
+        for x, y, *idx in self.loader:  # idx: the batch's sample indices (with_index)
             if self.batch_aug is not None:
                 x = self.batch_aug(x)
-            yield x, y
+            yield x, y, *idx
 
 
 def make_file_loader(dataset, batch_size, shuffle, seed, drop_last=False, rank=0, world_size=1,
                      device="cpu", sampler_weights=None, workers=0, worker_init_fn=None,
-                     batch_aug=None):
+                     batch_aug=None, with_index=False):
     """A FileLoader over `dataset` (items (uint8 CHW tensor, int label)) with the index order of
-    `epoch_indices`; workers persist across epochs and are seeded from a generator seeded by `seed`."""
+    `epoch_indices`; workers persist across epochs and are seeded from a generator seeded by `seed`.
+    with_index: batches are (x, y, sample indices) (--infobatch scores them)."""
     sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size, sampler_weights)
-    drop_last = drop_last and len(sampler) >= batch_size
+    if with_index:
+        dataset = IndexedDataset(dataset)
+    wanted, drop_last = drop_last, drop_last and len(sampler) >= batch_size
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                         num_workers=workers, pin_memory=torch.device(device).type == "cuda",
                         persistent_workers=workers > 0, worker_init_fn=worker_init_fn, generator=g)
-    return FileLoader(loader, sampler, batch_aug)
+    return FileLoader(loader, sampler, batch_aug, wanted)

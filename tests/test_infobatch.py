@@ -1,6 +1,6 @@
-"""--infobatch: the selection and its weights by hand, unbiasedness by simulation, the loader visiting exactly the
-selected samples, the schedule stepped to the same lr at every epoch boundary, a real run and its exact resume,
-and the refusals."""
+"""--infobatch: the selection and its weights by hand, unbiasedness by simulation, the loaders (in-memory and
+file) visiting exactly the selected samples, the schedule stepped to the same lr at every epoch boundary, a real
+run and its exact resume, a run on an image folder, and the refusals."""
 import csv
 import shutil
 
@@ -12,7 +12,7 @@ import config
 import train
 import train_distill
 from conftest import QUICK, cli_error, needs_fmnist
-from datasets.loader import InMemoryLoader
+from datasets.loader import InMemoryLoader, make_file_loader
 from utils.budget import plan_epochs
 from utils.infobatch import InfoBatch
 from utils.misc import make_precision
@@ -83,6 +83,33 @@ def test_loader_visits_exactly_the_subset():
     assert len(loader) == 5 and sorted(i for *_, j in loader for i in j.tolist()) == list(range(20))
 
 
+class _Numbered(torch.utils.data.Dataset):
+    """Item i: a uint8 image filled with i, label i % 3."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        return torch.full((1, 2, 2), i, dtype=torch.uint8), i % 3
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_file_loader_visits_exactly_the_subset(workers):
+    loader = make_file_loader(_Numbered(), 4, shuffle=True, seed=0, drop_last=True, workers=workers,
+                              with_index=True)
+    subset = torch.tensor([1, 3, 4, 8, 9, 10, 15, 19])
+    for epoch, sub in enumerate([subset, None, subset[:3]]):  # persistent workers see every change
+        loader.set_epoch(epoch)
+        loader.set_subset(sub)
+        want = list(range(20)) if sub is None else sub.tolist()
+        assert len(loader) == max(1, len(want) // 4)  # 3 samples: one short batch rather than none
+        seen = []
+        for x, y, j in loader:
+            assert torch.equal(x[:, 0, 0, 0].long(), j) and torch.equal(y, j % 3)
+            seen += j.tolist()
+        assert sorted(seen) == want
+
+
 def test_short_epochs_step_the_schedule_to_the_full_epochs_lr():
     # 10 batches of data, a schedule of 16 steps per epoch: after each epoch the lr is where 16 steps put it
     g = torch.Generator().manual_seed(0)
@@ -148,14 +175,35 @@ def test_run_prunes_then_anneals_and_resumes_exactly(tmp_path, monkeypatch):
     assert plain["test_acc"] > 0.3
 
 
+def test_run_on_an_image_folder_prunes_the_middle_epochs(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in "abc":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        base = {"a": 40, "b": 120, "c": 200}[c]  # classes told apart by brightness: losses spread out
+        for i in range(40):
+            px = (base + torch.randint(-30, 30, (8, 8), generator=g)).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(px.numpy(), "L").save(tmp_path / "data" / c / f"{i}.png")
+    out = tmp_path / "run"
+    train.main(config.parse_args(["--dataset", "imagefolder", "--data_dir", str(tmp_path / "data"), "--in_chans",
+                                  "1", "--img_size", "8", "--model", "resnet8", "--epochs", "4", "--batch_size",
+                                  "8", "--warmup_epochs", "0", "--no_progress", "--device", "cpu", "--infobatch",
+                                  "0.5", "--infobatch_anneal", "0.75", "--output_dir", str(out)]))
+    samples = [int(r["train_samples"]) for r in _rows(out / "metrics.csv")]
+    n = samples[0]  # the training split (the folder minus its validation hold-out)
+    assert n > 64 and samples[3] == n and all(n // 2 <= s < n for s in samples[1:3]), samples
+    scores = torch.load(out / "last.pt", weights_only=True)["infobatch"]["scores"]
+    assert len(scores) == n and not torch.any(scores == 1.0)  # every sample scored by its own loss
+
+
 def test_refusals(tmp_path, capsys):
     assert "must be in (0, 1)" in cli_error(train.main, [*QUICK, "--infobatch", "1"], capsys)
     assert "anneal fraction in [0, 1]" in cli_error(
         train.main, [*QUICK, "--infobatch", "0.5", "--infobatch_anneal", "1.5"], capsys)
     assert "--mixup_alpha" in cli_error(train.main, [*QUICK, "--infobatch", "0.5", "--mixup_alpha", "0.2"], capsys)
     assert "--adv fgsm" in cli_error(train.main, [*QUICK, "--infobatch", "0.5", "--adv", "fgsm"], capsys)
-    assert "in-memory data" in cli_error(
-        train.main, [*QUICK, "--infobatch", "0.5", "--dataset", "imagefolder", "--data_dir", str(tmp_path)], capsys)
+    assert "--balanced_sampler" in cli_error(
+        train.main, [*QUICK, "--infobatch", "0.5", "--balanced_sampler"], capsys)
     assert "train_distill.py" in cli_error(
         train_distill.main, [*QUICK, "--infobatch", "0.5", "--teacher_ckpt", str(tmp_path / "t.pt")], capsys,
         parser=train_distill.get_parser())

@@ -18,7 +18,6 @@ import math
 
 import torch
 
-from datasets import IN_MEMORY
 from datasets.loader import epoch_seed
 from utils import distributed as dist_utils
 from utils.errors import UserError
@@ -64,6 +63,7 @@ class InfoBatch:
 
     def batch_loss(self, losses, idx):
         """The loss to minimise from the batch's per-sample losses (samples `idx`); records them as scores."""
+        idx = idx.to(self.scores.device, non_blocking=True)  # a file DataLoader's indices arrive on the CPU
         self.scores[idx] = losses.detach().float()
         self.fresh[idx] = True
         return (losses * self.weights[idx]).mean()
@@ -93,7 +93,7 @@ class InfoBatch:
 
 
 def check_infobatch(args):
-    """--infobatch needs per-sample losses of plain samples and indexed in-memory data."""
+    """--infobatch needs per-sample losses of plain (unmixed, clean) samples drawn without replacement."""
     if not 0.0 < args.infobatch < 1.0 or not 0.0 <= args.infobatch_anneal <= 1.0:
         raise UserError(f"--infobatch {args.infobatch:g} / --infobatch_anneal {args.infobatch_anneal:g}: the pruned "
                         "fraction must be in (0, 1) (0 = off) and the anneal fraction in [0, 1], e.g. "
@@ -101,8 +101,6 @@ def check_infobatch(args):
     clash = [flag for flag, on in (("--mixup_alpha/--cutmix_alpha/--mosaic (mixed samples have no own loss)",
                                     args.mixup_alpha or args.cutmix_alpha or args.mosaic),
                                    (f"--adv {args.adv}", args.adv != "none"),
-                                   ("--balanced_sampler", args.balanced_sampler),
-                                   (f"--dataset {args.dataset} (file datasets; it needs in-memory data: "
-                                    f"{', '.join(IN_MEMORY)})", args.dataset not in IN_MEMORY)) if on]
+                                   ("--balanced_sampler", args.balanced_sampler)) if on]
     if clash:
         raise UserError(f"--infobatch does not combine with {clash[0]}; drop one of them")
