@@ -111,8 +111,8 @@ def set_fp32_precision(device, mode):
         return
     if device.type == "cuda":
         if mode == "bf16":
-            raise UserError("--fp32_precision bf16 is a CPU (oneDNN) setting; on CUDA use --fp32_precision tf32 "
-                            "or --amp")
+            raise UserError("--fp32_precision bf16 is a CPU (oneDNN) setting; on CUDA pass --fp32_precision tf32 "
+                            "(or default) instead, or use --amp")
         torch.backends.cudnn.conv.fp32_precision = mode
         torch.backends.cuda.matmul.fp32_precision = mode
         return
@@ -121,7 +121,7 @@ def set_fp32_precision(device, mode):
                         "or ieee")
     if mode == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise UserError("--fp32_precision bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX), which this "
-                        "one lacks; drop the flag")
+                        "one lacks; pass --fp32_precision default instead")
     torch.backends.mkldnn.conv.fp32_precision = mode
     torch.backends.mkldnn.matmul.fp32_precision = mode
 
