@@ -83,17 +83,17 @@ def test_budgeted_run_stops_in_time_with_an_annealed_schedule(tmp_path):
     out = tmp_path / "run"
     quick = [a for a in QUICK if a not in ("--epochs", "1")]
     t0 = time.perf_counter()
-    train.main(config.parse_args([*quick, "--epochs", "200", "--time_budget", "0.15", "--eval_interval", "3",
+    train.main(config.parse_args([*quick, "--epochs", "200", "--time_budget", "0.3", "--eval_interval", "3",
                                   "--output_dir", str(out)]))
     wall = time.perf_counter() - t0
     s = json.loads((out / "summary.json").read_text())
-    assert 1 < s["planned_epochs"] == s["epochs"] < 200 and s["time_budget_minutes"] == 0.15
+    assert 1 < s["planned_epochs"] == s["epochs"] < 200 and s["time_budget_minutes"] == 0.3
     # the plan aims at the budget; slack: a few seconds for the final test/summary, and two of the slowest epochs
     # (on a machine busy with other work an epoch can run slower than the plan measured). Unbudgeted, the 200
     # epochs would take minutes.
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     slowest = max(float(r["epoch_seconds"]) for r in rows)
-    assert wall < 0.15 * 60 + 5 + 2 * slowest, (wall, slowest)
+    assert wall < 0.3 * 60 + 5 + 2 * slowest, (wall, slowest)
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["metrics"]["planned_epochs"] == s["epochs"]
     # the cosine schedule (no warmup) was fitted to the planned epochs: it ends at lr 0 (<= the lr one epoch
