@@ -1,6 +1,5 @@
 """--time_budget: the epoch plan against hand-computed arithmetic, a re-planned schedule against a fresh run of
 the planned length, and an end-to-end run that stops inside its budget with a fully annealed schedule."""
-import csv
 import json
 import math
 import time
@@ -88,12 +87,7 @@ def test_budgeted_run_stops_in_time_with_an_annealed_schedule(tmp_path):
     wall = time.perf_counter() - t0
     s = json.loads((out / "summary.json").read_text())
     assert 1 < s["planned_epochs"] == s["epochs"] < 200 and s["time_budget_minutes"] == 0.3
-    # the plan aims at the budget; slack: a few seconds for the final test/summary, and two of the slowest epochs
-    # (on a machine busy with other work an epoch can run slower than the plan measured). Unbudgeted, the 200
-    # epochs would take minutes.
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
-    slowest = max(float(r["epoch_seconds"]) for r in rows)
-    assert wall < 0.3 * 60 + 5 + 2 * slowest, (wall, slowest)
+    assert wall < 0.3 * 60 + 5  # the plan aims at the budget; a few seconds' slack for the final test/summary
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["metrics"]["planned_epochs"] == s["epochs"]
     # the cosine schedule (no warmup) was fitted to the planned epochs: it ends at lr 0 (<= the lr one epoch
