@@ -215,7 +215,8 @@ def _add_run_args(p):
     g.add_argument("--overwrite", action="store_true", help="allow writing into a run dir with checkpoints")
     g.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt")
     g.add_argument("--eval_only", action="store_true", help="evaluate --ckpt and exit")
-    g.add_argument("--ckpt", default=None, metavar="PATH", help="checkpoint for --eval_only")
+    g.add_argument("--ckpt", default=None, nargs="+", metavar="PATH",
+                   help="checkpoint for --eval_only; several: evaluate their ensemble (mean of softmax)")
     g.add_argument("--use_ema", action="store_true", help="--eval_only: evaluate the EMA weights")
     g.add_argument("--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation")
     g.add_argument("--tta_shift", type=int, default=0, metavar="PX",
@@ -227,6 +228,12 @@ def _add_run_args(p):
                    help="fit the run into MIN minutes of wall time: after every epoch plan the most epochs (at "
                         "most --epochs) that fit, re-fitting a cosine/onecycle/poly schedule to them (0 = off)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data_seed", type=int, default=None,
+                   help="seed of the validation carve (--val_ratio/--kfold) and --train_subset/--eval_subset "
+                        "(default: --seed), so runs with different seeds can share one split")
+    g.add_argument("--ensemble", type=int, default=1, metavar="N",
+                   help="train N members (seeds seed..seed+N-1) at once as N processes sharing --threads, then "
+                        "evaluate the mean of their softmax outputs (with --tta); 1 = one model")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bit-exact resume on CPU)")
     g.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")

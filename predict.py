@@ -31,6 +31,8 @@ log = logging.getLogger("predict")
 def get_parser():
     p = config.get_parser()
     p.description = "Predict classes with a checkpoint; the data flags apply without --images/--list."
+    ckpt = next(a for a in p._actions if a.dest == "ckpt")
+    ckpt.nargs, ckpt.help = None, "checkpoint (.pt of train.py / reparam_export.py) or .onnx file"  # one model
     g = p.add_argument_group("predict")
     g.add_argument("--images", default=None, metavar="DIR", help="predict every image file under DIR")
     g.add_argument("--list", default=None, metavar="FILE",

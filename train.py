@@ -6,6 +6,7 @@ or None), then runs `for epoch: train_one_epoch(); evaluate(); save_checkpoint()
     torchrun --nproc_per_node 2 train.py     # data-parallel
 """
 import functools
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from utils.awp import AWP
 from utils.budget import TimeBudget, eval_share, replan_schedule
 from utils.checkpoint import get_rng_state, load_checkpoint, load_model, load_state, save_checkpoint, set_rng_state
 from utils.ema import ModelEMA
+from utils.ensemble import load_ensemble, member_threads, train_members
 from utils.errors import UserError, run_cli
 from utils.infobatch import InfoBatch, check_infobatch
 from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
@@ -215,6 +217,15 @@ def check_args(args):
         raise UserError("--eval_only needs --ckpt PATH (a checkpoint written by train.py)")
     if args.resume and args.eval_only:
         raise UserError("--resume and --eval_only do not go together; use --eval_only --ckpt PATH")
+    if args.ensemble < 1:
+        raise UserError(f"--ensemble must be a number of members >= 1 (got {args.ensemble})")
+    if args.ensemble > 1:
+        clash = [f for f in ("eval_only", "resume", "plot_lr", "preview_aug", "swa") if getattr(args, f)]
+        if clash:
+            raise UserError(f"--ensemble {args.ensemble} does not go with --{clash[0]}; evaluate finished runs "
+                            "with --eval_only --ckpt A.pt B.pt ..., or train one model")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--ensemble starts its own processes; run it with plain python, not torchrun")
     if args.swa and args.swa_start >= args.epochs:
         raise UserError(f"--swa_start {args.swa_start} must be below --epochs {args.epochs}")
     if args.tta_shift < 0:
@@ -252,7 +263,7 @@ def setup_run(args):
         os.makedirs(args.output_dir, exist_ok=True)
     else:
         if args.eval_only and args.output_dir is None:
-            args.output_dir = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+            args.output_dir = os.path.join(os.path.dirname(os.path.abspath(args.ckpt[0])), "eval")
             os.makedirs(args.output_dir, exist_ok=True)
         elif dist.is_main:
             args.output_dir = prepare_output_dir(args.output_dir, args.model, args.dataset, args.resume,
@@ -269,7 +280,11 @@ def main(args, build_loss=None):
     check_args(args)
     if build_loss is not None and args.infobatch:
         raise UserError("--infobatch is not supported by train_distill.py (its loss is not per sample); drop it")
+    if build_loss is not None and args.ensemble > 1:
+        raise UserError("--ensemble is a train.py flag; train_distill.py trains one student")
     dist, prec = setup_run(args)
+    if args.ensemble > 1:
+        return train_ensemble(args, prec, started)
     log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | "
              f"channels_last {prec.channels_last} | fp32 math {args.fp32_precision} | world size {dist.world_size} | "
              f"threads {torch.get_num_threads()}")
@@ -553,15 +568,20 @@ def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_a
 
 
 def eval_only(args, data, prec, dist):
-    """--eval_only --ckpt PATH: evaluate a train-form, averaged, SWA or deploy checkpoint."""
-    model, ckpt = load_model(args.ckpt, use_ema=args.use_ema)
+    """--eval_only --ckpt PATH [PATH ...]: evaluate a train-form, averaged, SWA or deploy checkpoint, or the
+    ensemble (mean softmax) of several."""
+    if len(args.ckpt) == 1:
+        model, ckpt = load_model(args.ckpt[0], use_ema=args.use_ema)
+    else:
+        model, ckpt = load_ensemble(args.ckpt, use_ema=args.use_ema)
+    name = args.ckpt[0] if len(args.ckpt) == 1 else args.ckpt
     if ckpt["model_config"]["num_classes"] != data.num_classes:
-        raise UserError(f"{args.ckpt} predicts {ckpt['model_config']['num_classes']} classes but the data has "
+        raise UserError(f"{args.ckpt[0]} predicts {ckpt['model_config']['num_classes']} classes but the data has "
                         f"{data.num_classes}; evaluate it on the dataset it was trained on")
     model.to(prec.device)
     adv = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
     res = evaluate(model, data.val_loader, prec, collect=not dist.enabled, **tta_kwargs(args), **adv)
-    summary = {"ckpt": args.ckpt, "val_split": data.val_name, "val_acc": res["acc"], "val_acc5": res["acc5"],
+    summary = {"ckpt": name, "val_split": data.val_name, "val_acc": res["acc"], "val_acc5": res["acc5"],
                "val_loss": res["loss"], **({"robust_val_acc": res["robust_acc"]} if "robust_acc" in res else {})}
     if data.test_loader is not None:
         summary["test_acc"] = evaluate(model, data.test_loader, prec, **tta_kwargs(args))["acc"]
@@ -571,6 +591,40 @@ def eval_only(args, data, prec, dist):
             write_eval_report(args.output_dir, res["probs"], res["targets"], data.class_names,
                               loader_image_getter(data.val_loader))
         log.info(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    return summary
+
+
+def train_ensemble(args, prec, started):
+    """--ensemble N: train N seeds at once (one process each, sharing the threads), then evaluate the mean of
+    their softmax outputs. Members live in <output_dir>/member<i>/ with train.py's usual files."""
+    config.save_config(args, os.path.join(args.output_dir, "config.yaml"))  # the children's flags, and a rerun's
+    threads = member_threads(args.threads or torch.get_num_threads(), args.ensemble)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    dirs = train_members(os.path.abspath(__file__), os.path.join(args.output_dir, "config.yaml"), args.output_dir,
+                         args.ensemble, args.seed, data_seed, threads, log, args.overwrite)
+    data = build_data(args, device=prec.device)
+    members = []
+    for d in dirs:
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        members.append({k: s[k] for k in ("final_val_acc", "test_acc", "epochs", "train_seconds") if k in s})
+    summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name, "ensemble": args.ensemble,
+               "members": members}
+    for use_ema in (False, True) if args.ema else (False,):
+        model, _ = load_ensemble([os.path.join(d, "last.pt") for d in dirs], use_ema=use_ema)
+        model.to(prec.device)
+        tag = "_ema" if use_ema else ""
+        summary["final_val_acc" + tag] = evaluate(model, data.val_loader, prec, **tta_kwargs(args))["acc"]
+        if data.test_loader is not None:
+            summary["test_acc" + tag] = evaluate(model, data.test_loader, prec, **tta_kwargs(args))["acc"]
+        elif data.val_name == "test":
+            summary["test_acc" + tag] = summary["final_val_acc" + tag]
+    summary["train_seconds"] = max(m.get("train_seconds", 0.0) for m in members)  # they train side by side
+    summary["wall_seconds"] = time.perf_counter() - started
+    write_json(os.path.join(args.output_dir, "summary.json"), summary)
+    log.info(f"done: ensemble of {args.ensemble}: {data.val_name} acc {summary['final_val_acc']:.4f} (members "
+             + ", ".join(f"{m['final_val_acc']:.4f}" for m in members)
+             + f"), {summary['wall_seconds'] / 60:.1f} min wall -> {args.output_dir}")
     return summary
 
 

@@ -102,11 +102,12 @@ def resolve_splits(splits, class_names, args):
     if len(train[1]) == 0:
         raise UserError("the training split has no images; check the dataset, --train_list and "
                         "--skip_bad_images")
-    carve = carve_validation(train[1], args.val_ratio, args.kfold, args.fold, args.seed)
+    seed = args.seed if getattr(args, "data_seed", None) is None else args.data_seed  # splits and subsets
+    carve = carve_validation(train[1], args.val_ratio, args.kfold, args.fold, seed)
     if carve is None and val is None and test is None:
         log.info("no validation split given: holding out a stratified %d%% of train "
                  "(set --val_ratio, --kfold or --val_list to change)", 100 * DEFAULT_VAL_RATIO)
-        carve = carve_validation(train[1], DEFAULT_VAL_RATIO, 0, 0, args.seed)
+        carve = carve_validation(train[1], DEFAULT_VAL_RATIO, 0, 0, seed)
     if carve is not None:
         if val is not None and test is not None:
             log.warning("validation is carved from train: the dataset's val split is not used")
@@ -117,10 +118,10 @@ def resolve_splits(splits, class_names, args):
         val_name = "val"
     else:
         val, test, val_name = test, None, "test"
-    train = _take(train, stratified_subset(train[1], args.train_subset, args.seed))
-    val = _take(val, stratified_subset(val[1], args.eval_subset, args.seed))
+    train = _take(train, stratified_subset(train[1], args.train_subset, seed))
+    val = _take(val, stratified_subset(val[1], args.eval_subset, seed))
     if test is not None:
-        test = _take(test, stratified_subset(test[1], args.eval_subset, args.seed))
+        test = _take(test, stratified_subset(test[1], args.eval_subset, seed))
     seen = set(np.unique(train[1]).tolist())
     for name, s in (("training", train), ("validation", val), ("test", test)):
         if s is not None and len(s[1]) == 0:

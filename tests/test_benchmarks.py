@@ -88,3 +88,16 @@ def test_bench_precision_quick(tmp_path):
                             rel_tol=1e-9)
         assert r["train_py_flags"].endswith("--threads 1")
     assert res["fastest"]["resnet8"]["images_per_second"] == max(r["images_per_second"] for r in res["rows"])
+
+
+@needs_fmnist
+def test_bench_ensemble_quick(tmp_path):
+    res, out = _run("bench_ensemble.py", tmp_path, "--model", "resnet8", "--batch_size", "16", "--steps", "2",
+                    "--rounds", "1", "--no-amp")
+    rows = {r["processes"]: r for r in res["rows"]}
+    assert set(rows) == {1, 2} and rows[1]["threads_each"] == 2 and rows[2]["threads_each"] == 1
+    assert rows[1]["vs_first"] == 1.0
+    for r in rows.values():
+        assert r["images_per_second"] == r["rounds"][0] > 0
+        assert math.isclose(r["per_process"], r["images_per_second"] / r["processes"], rel_tol=1e-9)
+        assert math.isclose(r["vs_first"], r["images_per_second"] / rows[1]["images_per_second"], rel_tol=1e-9)
