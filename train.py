@@ -117,14 +117,18 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         if clip_grad > 0:
             scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only; step() syncs anyway
         scaler.step(optimizer)
         scaler.update()
-        if step_sched:  # per-iteration schedule (SWA sets the lr per epoch instead)
+        # an fp16 overflow: GradScaler skipped optimizer.step() and lowered its scale; the schedule, lookahead
+        # and EMA skip this step too, so they count only the steps the weights took
+        stepped = scale is None or scaler.get_scale() >= scale
+        if step_sched and stepped:  # per-iteration schedule (SWA sets the lr per epoch instead)
             for _ in range((step + 1) * sched_steps // num_steps - step * sched_steps // num_steps):
                 sched.step()  # once per step, unless the epoch is shorter than sched_steps
-        if lookahead is not None:
+        if lookahead is not None and stepped:
             lookahead.step()  # every k-th step: slow += alpha (fast - slow); fast = slow
-        if ema is not None:
+        if ema is not None and stepped:
             ema.update(unwrapped)
 
         correct += topk_hits(logits.detach(), y, topk=(1,))[0]

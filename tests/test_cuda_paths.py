@@ -105,3 +105,35 @@ def test_tta_logits_average_in_fp32_under_autocast():
     assert got["loss"] == pytest.approx(torch.nn.functional.cross_entropy(mean32, labels).item(), rel=1e-6)
     mean16 = (sum(outs) / len(outs)).float()  # what summing inside autocast gave
     assert not torch.equal(mean16, mean32)
+
+
+def test_a_step_grad_scaler_skips_does_not_move_schedule_lookahead_or_ema():
+    """fp16 overflow: GradScaler skips optimizer.step(); the lr schedule, lookahead and EMA must skip it too.
+    A CPU GradScaler stands in for CUDA's; a gradient hook makes step 2 of 4 overflow."""
+    import argparse
+
+    import train
+    from utils.ema import ModelEMA
+    from utils.lookahead import Lookahead
+    from utils.misc import make_precision
+    from utils.scheduler import build_scheduler
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = argparse.Namespace(**{**vars(__import__("config").parse_args([])), "epochs": 1, "warmup_epochs": 0.0})
+    sched = build_scheduler(opt, args, 4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    look, ema = Lookahead(model, k=1, alpha=0.5), ModelEMA(model, decay=0.9)
+    calls = [0]
+
+    def overflow_on_second_step(g):
+        calls[0] += 1
+        return g * float("inf") if calls[0] == 2 else g
+    model[1].weight.register_hook(overflow_on_second_step)
+    batches = [(torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 3, (8,)))
+               for _ in range(4)]
+    prec = make_precision(torch.device("cpu"), amp=False)
+    train.train_one_epoch(model, batches, opt, sched, train.make_criterion(), scaler, prec, 0, lookahead=look,
+                          ema=ema)
+    assert calls[0] == 4 and scaler.get_scale() == 2.0 ** 9  # one overflow: the scale halved once
+    assert sched.iteration == 3 and look.steps == 3 and ema.num_updates == 3
