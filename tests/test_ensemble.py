@@ -44,10 +44,10 @@ def test_member_threads_share_the_machine():
     assert member_threads(2, 2) == 1 and member_threads(8, 3) == 2 and member_threads(1, 4) == 1
 
 
-def _hand_ensemble_acc(ckpts, argv):
+def _hand_ensemble_acc(ckpts, argv, use_ema=False):
     """Accuracy of the mean softmax of the checkpoints' models on the validation split the flags describe."""
     data = build_data(config.parse_args(argv))
-    models = [load_model(str(p))[0].eval() for p in ckpts]
+    models = [load_model(str(p), use_ema=use_ema)[0].eval() for p in ckpts]
     probs, labels = [[] for _ in models], []
     with torch.no_grad():
         for x, y in data.val_loader:
@@ -63,7 +63,7 @@ def _hand_ensemble_acc(ckpts, argv):
 @needs_fmnist
 def test_ensemble_of_two_equals_the_hand_average_and_eval_only_reproduces_it(tmp_path):
     out = tmp_path / "ens"
-    flags = [*QUICK, "--epochs", "2", "--threads", "2"]
+    flags = [*QUICK, "--epochs", "2", "--threads", "2", "--ema", "--ema_decay", "0.9"]
     r = run_script(["train.py", *flags, "--ensemble", "2", "--output_dir", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[m1] epoch 2" in r.stderr + r.stdout  # members' log lines are forwarded
@@ -80,6 +80,8 @@ def test_ensemble_of_two_equals_the_hand_average_and_eval_only_reproduces_it(tmp
     assert [m["final_val_acc"] for m in s["members"]] == pytest.approx(single, abs=1e-9)
     assert s["final_val_acc"] == pytest.approx(acc, abs=1e-9) and s["test_acc"] == s["final_val_acc"]
     assert acc > 0.3 and s["wall_seconds"] > 0
+    acc_ema, _ = _hand_ensemble_acc(ckpts, QUICK, use_ema=True)  # --ema: the members' EMA weights, averaged too
+    assert s["final_val_acc_ema"] == pytest.approx(acc_ema, abs=1e-9) and s["test_acc_ema"] == acc_ema
 
     train.main(config.parse_args(["--eval_only", "--ckpt", *map(str, ckpts), *QUICK,
                                   "--output_dir", str(tmp_path / "ev")]))
