@@ -6,7 +6,6 @@ or None), then runs `for epoch: train_one_epoch(); evaluate(); save_checkpoint()
     torchrun --nproc_per_node 2 train.py     # data-parallel
 """
 import functools
-import json
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ from utils.awp import AWP
 from utils.budget import TimeBudget, eval_share, replan_schedule
 from utils.checkpoint import get_rng_state, load_checkpoint, load_model, load_state, save_checkpoint, set_rng_state
 from utils.ema import ModelEMA
-from utils.ensemble import load_ensemble, member_threads, train_members
+from utils.ensemble import load_ensemble, train_ensemble
 from utils.errors import UserError, run_cli
 from utils.infobatch import InfoBatch, check_infobatch
 from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
@@ -83,6 +82,8 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
     num_steps = len(loader)
     sched_steps = sched_steps or num_steps
+    took_step = [False]
+    hook = optimizer.register_step_post_hook(lambda *_: took_step.__setitem__(0, True))
     for step, (x, y, *idx) in enumerate(bar):
         x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
         if side is not None:
@@ -117,12 +118,12 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         if clip_grad > 0:
             scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only; step() syncs anyway
+        took_step[0] = False
         scaler.step(optimizer)
         scaler.update()
-        # an fp16 overflow: GradScaler skipped optimizer.step() and lowered its scale; the schedule, lookahead
-        # and EMA skip this step too, so they count only the steps the weights took
-        stepped = scale is None or scaler.get_scale() >= scale
+        # an fp16 overflow: GradScaler skipped optimizer.step(); the schedule, lookahead and EMA skip this step
+        # too, so they count only the steps the weights took (known from the optimizer's hook: no host sync)
+        stepped = took_step[0]
         if step_sched and stepped:  # per-iteration schedule (SWA sets the lr per epoch instead)
             for _ in range((step + 1) * sched_steps // num_steps - step * sched_steps // num_steps):
                 sched.step()  # once per step, unless the epoch is shorter than sched_steps
@@ -135,6 +136,7 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         seen += n
         if progress and step % max(10, sync_every) == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+    hook.remove()
     loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum.item(), correct.item(), seen], prec.device)
     if not math.isfinite(loss_sum):  # summed over ranks: a bad loss on any rank stops every rank here
         raise _non_finite(epoch, step, sync_every)
@@ -288,7 +290,8 @@ def main(args, build_loss=None):
         raise UserError("--ensemble is a train.py flag; train_distill.py trains one student")
     dist, prec = setup_run(args)
     if args.ensemble > 1:
-        return train_ensemble(args, prec, started)
+        return train_ensemble(args, prec, started, os.path.abspath(__file__),
+                              lambda m, loader: evaluate(m, loader, prec, **tta_kwargs(args)))
     log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | "
              f"channels_last {prec.channels_last} | fp32 math {args.fp32_precision} | world size {dist.world_size} | "
              f"threads {torch.get_num_threads()}")
@@ -595,40 +598,6 @@ def eval_only(args, data, prec, dist):
             write_eval_report(args.output_dir, res["probs"], res["targets"], data.class_names,
                               loader_image_getter(data.val_loader))
         log.info(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
-    return summary
-
-
-def train_ensemble(args, prec, started):
-    """--ensemble N: train N seeds at once (one process each, sharing the threads), then evaluate the mean of
-    their softmax outputs. Members live in <output_dir>/member<i>/ with train.py's usual files."""
-    config.save_config(args, os.path.join(args.output_dir, "config.yaml"))  # the children's flags, and a rerun's
-    threads = member_threads(args.threads or torch.get_num_threads(), args.ensemble)
-    data_seed = args.seed if args.data_seed is None else args.data_seed
-    dirs = train_members(os.path.abspath(__file__), os.path.join(args.output_dir, "config.yaml"), args.output_dir,
-                         args.ensemble, args.seed, data_seed, threads, log, args.overwrite)
-    data = build_data(args, device=prec.device)
-    members = []
-    for d in dirs:
-        with open(os.path.join(d, "summary.json")) as f:
-            s = json.load(f)
-        members.append({k: s[k] for k in ("final_val_acc", "test_acc", "epochs", "train_seconds") if k in s})
-    summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name, "ensemble": args.ensemble,
-               "members": members}
-    for use_ema in (False, True) if args.ema else (False,):
-        model, _ = load_ensemble([os.path.join(d, "last.pt") for d in dirs], use_ema=use_ema)
-        model.to(prec.device)
-        tag = "_ema" if use_ema else ""
-        summary["final_val_acc" + tag] = evaluate(model, data.val_loader, prec, **tta_kwargs(args))["acc"]
-        if data.test_loader is not None:
-            summary["test_acc" + tag] = evaluate(model, data.test_loader, prec, **tta_kwargs(args))["acc"]
-        elif data.val_name == "test":
-            summary["test_acc" + tag] = summary["final_val_acc" + tag]
-    summary["train_seconds"] = max(m.get("train_seconds", 0.0) for m in members)  # they train side by side
-    summary["wall_seconds"] = time.perf_counter() - started
-    write_json(os.path.join(args.output_dir, "summary.json"), summary)
-    log.info(f"done: ensemble of {args.ensemble}: {data.val_name} acc {summary['final_val_acc']:.4f} (members "
-             + ", ".join(f"{m['final_val_acc']:.4f}" for m in members)
-             + f"), {summary['wall_seconds'] / 60:.1f} min wall -> {args.output_dir}")
     return summary
 
 
