@@ -21,6 +21,7 @@ INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaimi
 ATTENTIONS = ("none", "se", "cbam", "eca", "ca")
 ADVS = ("none", "fgsm", "pgd", "awp")
 AUTO_AUGMENTS = ("none", "autoaugment", "randaugment", "trivialaugment", "augmix")
+FP32_PRECISIONS = ("default", "ieee", "bf16", "tf32")  # utils/misc.set_fp32_precision
 
 _NOT_IN_CONFIG = {"config"}
 # Flags that belong to one invocation; a resumed run does not inherit them from its checkpoint.
@@ -247,7 +248,7 @@ def _add_run_args(p):
                         "on CUDA")
     g.add_argument("--amp_dtype", default="auto", choices=("auto", "bf16", "fp16"))
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--fp32_precision", default="default", choices=("default", "ieee", "bf16", "tf32"),
+    g.add_argument("--fp32_precision", default="default", choices=FP32_PRECISIONS,
                    help="fp32 conv/matmul math: default = torch's (CPU ieee, CUDA cuDNN convs tf32); bf16 = oneDNN "
                         "bf16 inputs with fp32 accumulation (CPUs with AVX512-BF16/AMX; weights stay fp32); "
                         "tf32 = CUDA TF32")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config import FP32_PRECISIONS
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,6 @@ def make_precision(device, amp, amp_dtype="auto", channels_last=False):
     if amp and device.type == "cpu" and dtype == torch.float16:
         raise UserError("--amp_dtype fp16 is not supported on CPU; use --amp_dtype bf16 (or auto)")
     return Precision(device, dtype, bool(amp), bool(channels_last))
-
-
-FP32_PRECISIONS = ("default", "ieee", "bf16", "tf32")
 
 
 def set_fp32_precision(device, mode):
