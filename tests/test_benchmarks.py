@@ -101,3 +101,29 @@ def test_bench_ensemble_quick(tmp_path):
         assert r["images_per_second"] == r["rounds"][0] > 0
         assert math.isclose(r["per_process"], r["images_per_second"] / r["processes"], rel_tol=1e-9)
         assert math.isclose(r["vs_first"], r["images_per_second"] / rows[1]["images_per_second"], rel_tol=1e-9)
+
+
+@needs_fmnist
+def test_profile_layers_macs_match_flop_counter(tmp_path):
+    """profile_layers.py's per-convolution multiply-accumulates (from its hooks' output shapes) add up to
+    torch's own FlopCounterMode count of the model's convolutions (2 flops per MAC), and its rates and shares
+    follow from its times."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from models import build_model
+    res, out = _run("profile_layers.py", tmp_path, "--model", "resnet8", "--batch_size", "8", "--steps", "2",
+                    "--threads", "1")
+    model = build_model("resnet8", 10, 1, 28, (0.286,), (0.353,))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(8, 1, 28, 28))
+    conv_flops = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+    assert math.isclose(sum(r["gmacs_forward"] for r in res["rows"]) * 1e9 * 2, conv_flops, rel_tol=1e-9)
+    assert len(res["rows"]) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    # only the first convolution (its input is the image, which needs no gradient) has no backward timing
+    assert [r["layer"] for r in res["rows"] if r["backward_gmac_per_s"] is None] == [res["rows"][0]["layer"]]
+    for r in res["rows"]:
+        assert math.isclose(r["forward_gmac_per_s"], r["gmacs_forward"] / r["forward_ms"] * 1000, rel_tol=1e-9)
+        if r["backward_gmac_per_s"] is not None:
+            assert math.isclose(r["backward_gmac_per_s"], 2 * r["gmacs_forward"] / r["backward_ms"] * 1000,
+                                rel_tol=1e-9)
+    assert math.isclose(res["conv_share_of_step"], sum(r["share_of_step"] for r in res["rows"]), rel_tol=1e-9)
+    assert 0 < res["conv_share_of_step"] < 1 and "| layer |" in out
