@@ -42,7 +42,7 @@ class ConvTimer:
 
     def __init__(self, model):
         self.fwd, self.bwd = defaultdict(float), defaultdict(float)
-        self.macs, self.calls, self._t0 = {}, defaultdict(int), {}
+        self.macs, self._t0 = {}, {}
         self.untimed_backward = set()  # input needs no gradient: the backward hook fires before the layer's
         self.handles = []
         for name, m in model.named_modules():
@@ -68,7 +68,6 @@ class ConvTimer:
         def hook(_, __, out):
             self.fwd[name] += time.perf_counter() - self._t0[(name, "f")]
             self.macs[name] = conv_macs(m, tuple(out.shape))
-            self.calls[name] += 1
         return hook
 
     def _stop_backward(self, name):
@@ -128,7 +127,8 @@ def main():
         if name in timer.untimed_backward:
             bwd_s = 0.0
         macs = timer.macs[name]  # per forward pass; the backward does ~2x (input and weight gradients)
-        rows.append({"layer": name, "gmacs_forward": macs / 1e9, "forward_ms": 1000 * fwd_s, "backward_ms": 1000 * bwd_s,
+        rows.append({"layer": name, "gmacs_forward": macs / 1e9,
+                     "forward_ms": 1000 * fwd_s, "backward_ms": 1000 * bwd_s,
                      "forward_gmac_per_s": macs / fwd_s / 1e9 if fwd_s else None,
                      "backward_gmac_per_s": 2 * macs / bwd_s / 1e9 if bwd_s else None,
                      "share_of_step": (fwd_s + bwd_s) / step_s})
