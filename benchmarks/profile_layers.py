@@ -2,8 +2,8 @@
 multiply-accumulate rate (GMAC/s) each one reaches, against the whole step, for one registry model.
 
 Timed with module hooks around every nn.Conv2d inside train.py's `train_one_epoch` on fixed in-memory batches
-(the same step as bench_loop.py). The CPU runs synchronously, so each hook pair brackets exactly that layer's
-kernels; on CUDA the numbers would need synchronisation and this script refuses it. A layer whose rate is far
+(the same step as bench_loop.py), on the CPU only: it runs kernels synchronously, so each hook pair brackets
+exactly that layer's work (CUDA would need a synchronisation per hook). A layer whose rate is far
 below the others' is where a faster kernel or a different shape would pay.
     python benchmarks/profile_layers.py --model airnet_m --batch_size 128 --amp
 """
@@ -43,7 +43,7 @@ class ConvTimer:
     def __init__(self, model):
         self.fwd, self.bwd = defaultdict(float), defaultdict(float)
         self.macs, self._t0 = {}, {}
-        self.untimed_backward = set()  # input needs no gradient: the backward hook fires before the layer's
+        self.untimed_backward = set()  # layers whose input needs no gradient (the stem): reported as "—"
         self.handles = []
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d):
@@ -59,7 +59,7 @@ class ConvTimer:
 
     def _start_forward(self, name):
         def hook(_, inputs):
-            if not inputs[0].requires_grad:  # the stem: its weight gradient is computed outside the hook pair
+            if not inputs[0].requires_grad:  # then both backward hooks fire before its weight gradient runs
                 self.untimed_backward.add(name)
             self._t0[(name, "f")] = time.perf_counter()
         return hook

@@ -127,3 +127,4 @@ def test_profile_layers_macs_match_flop_counter(tmp_path):
                                 rel_tol=1e-9)
     assert math.isclose(res["conv_share_of_step"], sum(r["share_of_step"] for r in res["rows"]), rel_tol=1e-9)
     assert 0 < res["conv_share_of_step"] < 1 and "| layer |" in out
+    assert res["threads"] == 1 and res["steps"] == 2  # --threads and --steps took effect
