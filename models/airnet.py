@@ -7,6 +7,9 @@ trainable BN scales, no logit scaling. Under --acb each conv1/bn1 pair becomes
 one ACBlock, so a group's first BN moves ahead of its max-pool (the re-parameterised model stays exact).
 
 airnet_s: widths 32/128/128; airnet_m: 64/128/256; airnet: 64/256/256 (airbench94's widths).
+airnet_m3: airnet_m's widths with three convs per group, as in airbench96: the group's pooled, normalised
+output x0 goes through conv2 -> BN -> GELU -> conv3 -> BN -> GELU and x0 is added back (a residual over the
+two extra-depth convs).
 """
 from torch import nn
 
@@ -14,28 +17,35 @@ from utils.errors import UserError
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, in_channels, channels):
+    def __init__(self, in_channels, channels, depth=2):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
         self.pool = nn.MaxPool2d(2)
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
+        if depth == 3:
+            self.conv3 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(channels)
+        self.depth = depth
         self.act = nn.GELU()
 
     def forward(self, x):
         x = self.act(self.bn1(self.pool(self.conv1(x))))
-        return self.act(self.bn2(self.conv2(x)))
+        if self.depth == 2:
+            return self.act(self.bn2(self.conv2(x)))
+        y = self.act(self.bn2(self.conv2(x)))
+        return x + self.act(self.bn3(self.conv3(y)))
 
 
 class AirNet(nn.Module):
-    def __init__(self, widths, num_classes=10, in_chans=3, stem_width=24):
+    def __init__(self, widths, num_classes=10, in_chans=3, stem_width=24, depth=2):
         super().__init__()
         self.stem = nn.Conv2d(in_chans, stem_width, 3, 1, 1)
         self.act = nn.GELU()
         groups, in_channels = [], stem_width
         for width in widths:
-            groups.append(ConvGroup(in_channels, width))
+            groups.append(ConvGroup(in_channels, width, depth))
             in_channels = width
         self.groups = nn.Sequential(*groups)
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -47,19 +57,22 @@ class AirNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for g in self.groups:   # each residual branch starts at zero: the group starts as airnet's two convs
+            if depth == 3:
+                nn.init.zeros_(g.bn3.weight)
 
     def forward(self, x):
         x = self.groups(self.act(self.stem(x)))
         return self.fc(self.pool(x).flatten(1))
 
 
-def _airnet(widths, name):
+def _airnet(widths, name, depth=2):
     def build(num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0):
         if attn_layer is not None or drop_path_rate > 0:
             raise UserError(f"{name} has no residual blocks; use --attention none --drop_path_rate 0")
         if img_size < 8:
             raise UserError(f"{name} pools by 2 three times and needs images of at least 8 px, got {img_size}")
-        return AirNet(widths, num_classes, in_chans)
+        return AirNet(widths, num_classes, in_chans, depth=depth)
     build.__name__ = name
     return build
 
@@ -67,3 +80,4 @@ def _airnet(widths, name):
 airnet_s = _airnet((32, 128, 128), "airnet_s")
 airnet_m = _airnet((64, 128, 256), "airnet_m")
 airnet = _airnet((64, 256, 256), "airnet")
+airnet_m3 = _airnet((64, 128, 256), "airnet_m3", depth=3)

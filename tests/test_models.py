@@ -159,13 +159,16 @@ def _airnet_by_hand(net, x):
     x = F.gelu(F.conv2d(x, net.stem.weight, net.stem.bias, padding=1))
     for g in net.groups:
         x = F.gelu(bn(F.max_pool2d(F.conv2d(x, g.conv1.weight, padding=1), 2), g.bn1))
-        x = F.gelu(bn(F.conv2d(x, g.conv2.weight, padding=1), g.bn2))
+        y = F.gelu(bn(F.conv2d(x, g.conv2.weight, padding=1), g.bn2))
+        if hasattr(g, "conv3"):     # airnet_m3: a residual over conv2 and conv3
+            y = x + F.gelu(bn(F.conv2d(y, g.conv3.weight, padding=1), g.bn3))
+        x = y
     return F.linear(x.amax(dim=(2, 3)), net.fc.weight, net.fc.bias)
 
 
-@pytest.mark.parametrize("name, widths", [("airnet_s", (32, 128, 128)), ("airnet_m", (64, 128, 256)),
-                                          ("airnet", (64, 256, 256))])
-def test_airnet_forward_params_and_flops_match_closed_form(name, widths):
+@pytest.mark.parametrize("name, widths, depth", [("airnet_s", (32, 128, 128), 2), ("airnet_m", (64, 128, 256), 2),
+                                                 ("airnet", (64, 256, 256), 2), ("airnet_m3", (64, 128, 256), 3)])
+def test_airnet_forward_params_and_flops_match_closed_form(name, widths, depth):
     torch.manual_seed(0)
     model = build(name).eval()
     net = model.net
@@ -180,13 +183,18 @@ def test_airnet_forward_params_and_flops_match_closed_form(name, widths):
         torch.testing.assert_close(net(x), _airnet_by_hand(net, x))
 
     w1, w2, w3 = widths
+    extra = depth - 2       # airnet_m3's third conv + BN per group, at the pooled size
     params = (9 * 24 + 24) + (24 * w1 * 9 + w1 * w1 * 9 + 4 * w1) + (w1 * w2 * 9 + w2 * w2 * 9 + 4 * w2) \
-        + (w2 * w3 * 9 + w3 * w3 * 9 + 4 * w3) + (w3 * 10 + 10)
+        + (w2 * w3 * 9 + w3 * w3 * 9 + 4 * w3) + (w3 * 10 + 10) \
+        + extra * sum(w * w * 9 + 2 * w for w in widths)
     assert sum(p.numel() for p in model.parameters()) == params
     # convs at 28 px (stem, group 1's first), then 14, 7, 3 after each 2x2 max-pool
     macs = 28 * 28 * (9 * 24 + 24 * w1 * 9) + 14 * 14 * (w1 * w1 * 9 + w1 * w2 * 9) \
-        + 7 * 7 * (w2 * w2 * 9 + w2 * w3 * 9) + 3 * 3 * w3 * w3 * 9 + w3 * 10
+        + 7 * 7 * (w2 * w2 * 9 + w2 * w3 * 9) + 3 * 3 * w3 * w3 * 9 + w3 * 10 \
+        + extra * 9 * (14 * 14 * w1 * w1 + 7 * 7 * w2 * w2 + 3 * 3 * w3 * w3)
     assert model_summary(model, 1, 28) == (params, 2 * macs)
+    if depth == 3:          # the residual branches start at zero (bn3's scale), then learn
+        assert all(float(g.bn3.weight.abs().sum()) == 0 for g in build(name).net.groups)
 
 
 def test_airnet_needs_8_px():

@@ -227,6 +227,20 @@ def test_acb_resnet20_trained_then_reparameterized_matches():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
+def test_acb_airnet_m3_trained_then_reparameterized_matches():
+    from models.airnet import airnet_m3
+    torch.manual_seed(0)
+    net = airnet_m3(10, 1, 28)
+    assert convert_to_acb(net) == 9  # three conv+BN pairs per group (conv3/bn3 too); the stem has no BN
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    train_steps(net, x, y, steps=2)
+    with torch.no_grad():
+        before = net(x)
+        reparameterize_model(net)
+        after = net(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
 # ---- RepVGG models ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("img_size", [28, 32, 64, 224])
