@@ -210,17 +210,22 @@ def train_steps(model, x, y, steps):
     return model.eval()
 
 
+def outputs_before_after_reparam(net, img_size):
+    """Train `net` two steps on random 1-channel images, then its eval outputs before and after fusing."""
+    x, y = torch.rand(4, 1, img_size, img_size), torch.randint(0, 10, (4,))
+    train_steps(net, x, y, steps=2)
+    with torch.no_grad():
+        before = net(x)
+        reparameterize_model(net)
+        return before, net(x)
+
+
 def test_acb_resnet20_trained_then_reparameterized_matches():
     resnet_cifar = pytest.importorskip("models.resnet_cifar", reason="models helper's resnet_cifar.py not present")
     torch.manual_seed(0)
     net = resnet_cifar.resnet20(10, 1, 8)
     assert convert_to_acb(net) == 19  # stem + 2 per block x 9 blocks; the two 1x1 projections are skipped
-    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
-    train_steps(net, x, y, steps=2)
-    with torch.no_grad():
-        before = net(x)
-        reparameterize_model(net)
-        after = net(x)
+    before, after = outputs_before_after_reparam(net, 8)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 2  # only the 1x1 projections' BNs
     names = module_names(net)
     assert not names & {"conv_kxk", "conv_1xk", "conv_kx1", "bn_kxk", "bn_1xk", "bn_kx1"}
@@ -232,14 +237,10 @@ def test_acb_airnet_m3_trained_then_reparameterized_matches():
     torch.manual_seed(0)
     net = airnet_m3(10, 1, 28)
     assert convert_to_acb(net) == 9  # three conv+BN pairs per group (conv3/bn3 too); the stem has no BN
-    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    train_steps(net, x, y, steps=2)
-    with torch.no_grad():
-        before = net(x)
-        reparameterize_model(net)
-        after = net(x)
+    before, after = outputs_before_after_reparam(net, 28)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
 
 # ---- RepVGG models ---------------------------------------------------------------------------------------
 
