@@ -443,6 +443,8 @@ def main(args, build_loss=None):
         if budget is not None:
             done_cost = resize_cost(epoch + 1, epochs) * len(data.train_loader) / steps_per_epoch
             planned = budget.plan(epoch + 1, done_cost, cost)
+            if epoch + 1 == epochs:  # the plan's last epoch: its schedule has annealed, so a late speed-up
+                planned = epochs     # must not add epochs at lr ~0
             planned = dist_utils.all_gather_object(planned)[0]  # every rank follows rank 0
             if planned != epochs:
                 log.info(f"time budget {args.time_budget:g} min: {budget.elapsed() / 60:.1f} min used, "

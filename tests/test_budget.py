@@ -96,6 +96,19 @@ def test_budgeted_run_stops_in_time_with_an_annealed_schedule(tmp_path):
     assert ckpt["optimizer"]["param_groups"][0]["lr"] <= 0.1 * (1 + math.cos(math.pi * (e - 1) / e)) + 1e-9
 
 
+def test_a_run_that_reached_its_planned_end_is_not_extended(tmp_path, monkeypatch):
+    # a budget that always finds room for one more epoch (a machine that keeps speeding up): epoch 1 plans 2,
+    # and after epoch 2, the plan's last, the run ends with its schedule annealed rather than re-opening it
+    monkeypatch.setattr(train.TimeBudget, "plan", lambda self, done, done_cost=1.0, cost=None: done + 1)
+    out = tmp_path / "run"
+    quick = [a for a in QUICK if a not in ("--epochs", "1")]
+    train.main(config.parse_args([*quick, "--epochs", "50", "--time_budget", "5", "--output_dir", str(out)]))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["epochs"] == s["planned_epochs"] == 2
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_budget_with_swa_and_negative_budgets_are_refused():
     for flags, fragment in ((["--swa", "--swa_start", "2", "--time_budget", "1"], "--time_budget cannot move"),
                             (["--time_budget", "-1"], "--time_budget must be")):
