@@ -32,10 +32,8 @@ class ConvGroup(nn.Module):
 
     def forward(self, x):
         x = self.act(self.bn1(self.pool(self.conv1(x))))
-        if self.depth == 2:
-            return self.act(self.bn2(self.conv2(x)))
         y = self.act(self.bn2(self.conv2(x)))
-        return x + self.act(self.bn3(self.conv3(y)))
+        return y if self.depth == 2 else x + self.act(self.bn3(self.conv3(y)))
 
 
 class AirNet(nn.Module):
@@ -57,8 +55,8 @@ class AirNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for g in self.groups:   # each residual branch starts at zero: the group starts as airnet's two convs
-            if depth == 3:
+        if depth == 3:  # each residual branch starts at zero: the group starts as airnet's two convs
+            for g in self.groups:
                 nn.init.zeros_(g.bn3.weight)
 
     def forward(self, x):
@@ -69,7 +67,8 @@ class AirNet(nn.Module):
 def _airnet(widths, name, depth=2):
     def build(num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0):
         if attn_layer is not None or drop_path_rate > 0:
-            raise UserError(f"{name} has no residual blocks; use --attention none --drop_path_rate 0")
+            raise UserError(f"{name} takes no attention modules or stochastic depth; "
+                            f"use --attention none --drop_path_rate 0")
         if img_size < 8:
             raise UserError(f"{name} pools by 2 three times and needs images of at least 8 px, got {img_size}")
         return AirNet(widths, num_classes, in_chans, depth=depth)

@@ -46,7 +46,7 @@ def test_bench_loop_skips_tricks_the_model_lacks_and_refuses_unknown_ones(tmp_pa
                     "--rounds", "1", "--tricks", "all")
     rows = {r["variant"] for r in res["rows"]}
     assert "ema" in rows and not rows & {"se", "cbam", "eca", "ca", "drop_path 0.1"}
-    assert "skipped se: airnet_s has no residual blocks" in out
+    assert "skipped se: airnet_s takes no attention modules" in out
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_loop
     for tricks, fragment in (("plain", "unknown --tricks plain"), ("se", "se does not apply to --model airnet_s")):
