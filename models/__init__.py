@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.airnet import airnet, airnet_m, airnet_m3, airnet_s
+from models.airnet import airnet, airnet_m, airnet_m3, airnet_mc, airnet_s
 from models.cbam import CBAM
 from models.coord_att import CoordAtt
 from models.eca import ECA
@@ -42,6 +42,7 @@ MODELS = {
     "airnet_m": airnet_m,
     "airnet": airnet,
     "airnet_m3": airnet_m3,         # airnet_m with a third conv and a residual per group (airbench96-style)
+    "airnet_mc": airnet_mc,         # airnet_m with ceil-mode pooling (7 -> 4 px, no border row dropped)
     "mobilenetv2": mobilenetv2,
     "vgg_plain": vgg_plain,
     "mlp_teacher": mlp_teacher,

@@ -152,13 +152,13 @@ def test_cifar_resnet_param_counts(name, n):
         assert sum(p.numel() for p in model.parameters()) == cifar_resnet_params(n, in_chans, 10)
 
 
-def _airnet_by_hand(net, x):
+def _airnet_by_hand(net, x, ceil=False):
     """AirNet's eval forward written with torch.nn.functional ops from its parameters."""
     def bn(t, m):
         return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
     x = F.gelu(F.conv2d(x, net.stem.weight, net.stem.bias, padding=1))
     for g in net.groups:
-        x = F.gelu(bn(F.max_pool2d(F.conv2d(x, g.conv1.weight, padding=1), 2), g.bn1))
+        x = F.gelu(bn(F.max_pool2d(F.conv2d(x, g.conv1.weight, padding=1), 2, ceil_mode=ceil), g.bn1))
         y = F.gelu(bn(F.conv2d(x, g.conv2.weight, padding=1), g.bn2))
         if hasattr(g, "conv3"):     # airnet_m3: a residual over conv2 and conv3
             y = x + F.gelu(bn(F.conv2d(y, g.conv3.weight, padding=1), g.bn3))
@@ -166,9 +166,11 @@ def _airnet_by_hand(net, x):
     return F.linear(x.amax(dim=(2, 3)), net.fc.weight, net.fc.bias)
 
 
-@pytest.mark.parametrize("name, widths, depth", [("airnet_s", (32, 128, 128), 2), ("airnet_m", (64, 128, 256), 2),
-                                                 ("airnet", (64, 256, 256), 2), ("airnet_m3", (64, 128, 256), 3)])
-def test_airnet_forward_params_and_flops_match_closed_form(name, widths, depth):
+@pytest.mark.parametrize("name, widths, depth, ceil", [
+    ("airnet_s", (32, 128, 128), 2, False), ("airnet_m", (64, 128, 256), 2, False),
+    ("airnet", (64, 256, 256), 2, False), ("airnet_m3", (64, 128, 256), 3, False),
+    ("airnet_mc", (64, 128, 256), 2, True)])
+def test_airnet_forward_params_and_flops_match_closed_form(name, widths, depth, ceil):
     torch.manual_seed(0)
     model = build(name).eval()
     net = model.net
@@ -180,7 +182,10 @@ def test_airnet_forward_params_and_flops_match_closed_form(name, widths, depth):
             m.bias.data.uniform_(-0.2, 0.2)
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(net(x), _airnet_by_hand(net, x))
+        torch.testing.assert_close(net(x), _airnet_by_hand(net, x, ceil))
+        if ceil:    # the 7x7 map's last row and column reach the output (floor pooling drops them)
+            assert net.groups[2].pool(torch.zeros(1, 1, 7, 7)).shape[-1] == 4
+            assert not torch.allclose(net(x), _airnet_by_hand(net, x, ceil=False))
 
     w1, w2, w3 = widths
     extra = depth - 2       # airnet_m3's third conv + BN per group, at the pooled size
@@ -188,10 +193,11 @@ def test_airnet_forward_params_and_flops_match_closed_form(name, widths, depth):
         + (w2 * w3 * 9 + w3 * w3 * 9 + 4 * w3) + (w3 * 10 + 10) \
         + extra * sum(w * w * 9 + 2 * w for w in widths)
     assert sum(p.numel() for p in model.parameters()) == params
-    # convs at 28 px (stem, group 1's first), then 14, 7, 3 after each 2x2 max-pool
+    # convs at 28 px (stem, group 1's first), then 14, 7, 3 after each 2x2 max-pool (4 in ceil mode)
+    s3 = 4 if ceil else 3
     macs = 28 * 28 * (9 * 24 + 24 * w1 * 9) + 14 * 14 * (w1 * w1 * 9 + w1 * w2 * 9) \
-        + 7 * 7 * (w2 * w2 * 9 + w2 * w3 * 9) + 3 * 3 * w3 * w3 * 9 + w3 * 10 \
-        + extra * 9 * (14 * 14 * w1 * w1 + 7 * 7 * w2 * w2 + 3 * 3 * w3 * w3)
+        + 7 * 7 * (w2 * w2 * 9 + w2 * w3 * 9) + s3 * s3 * w3 * w3 * 9 + w3 * 10 \
+        + extra * 9 * (14 * 14 * w1 * w1 + 7 * 7 * w2 * w2 + s3 * s3 * w3 * w3)
     assert model_summary(model, 1, 28) == (params, 2 * macs)
     if depth == 3:          # the residual branches start at zero (bn3's scale), then learn
         assert all(float(g.bn3.weight.abs().sum()) == 0 for g in build(name).net.groups)

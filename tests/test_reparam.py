@@ -232,11 +232,12 @@ def test_acb_resnet20_trained_then_reparameterized_matches():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
-def test_acb_airnet_m3_trained_then_reparameterized_matches():
-    from models.airnet import airnet_m3
+@pytest.mark.parametrize("name, pairs", [("airnet_m3", 9), ("airnet_mc", 6)])
+def test_acb_airnet_trained_then_reparameterized_matches(name, pairs):
+    from models import MODELS
     torch.manual_seed(0)
-    net = airnet_m3(10, 1, 28)
-    assert convert_to_acb(net) == 9  # three conv+BN pairs per group (conv3/bn3 too); the stem has no BN
+    net = MODELS[name](10, 1, 28)
+    assert convert_to_acb(net) == pairs  # 2 or 3 conv+BN pairs per group (airnet_m3's conv3/bn3); stem has no BN
     before, after = outputs_before_after_reparam(net, 28)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
