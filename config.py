@@ -244,8 +244,8 @@ def _add_run_args(p):
     g.add_argument("--cuda", action="store_true", help="use CUDA when available, else warn and use CPU")
     g.add_argument("--gpus", default=None, help="e.g. 0,1: sets CUDA_VISIBLE_DEVICES before CUDA starts")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="autocast: bf16 on CPU (pays off only on CPUs with AMX); bf16, or fp16 + GradScaler, "
-                        "on CUDA")
+                   help="autocast: bf16 on CPU (2x+ on AMX CPUs and AMD Zen 4, slower on some AVX-512 Xeons: "
+                        "run benchmarks/bench_precision.py); bf16, or fp16 + GradScaler, on CUDA")
     g.add_argument("--amp_dtype", default="auto", choices=("auto", "bf16", "fp16"))
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--fp32_precision", default="default", choices=FP32_PRECISIONS,

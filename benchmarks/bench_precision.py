@@ -2,9 +2,10 @@
 (--fp32_precision bf16), torch.compile, thread count.
 
 train.py's `train_one_epoch` on fixed pre-gathered batches (as bench_loop.py); every variant at every --threads
-setting, alternating round by round in one process; compile time reported apart. bf16 pays only with AMX
-(amx_bf16), so the CPU's bf16 flags go in the JSON. Quiet 2-core machine: ~5-7 min (~3 of it compiling on a
-cold Inductor cache, far less warm); --quick (resnet8, 2 steps, 1 round): ~1-2 min cold, seconds with --no-compile.
+setting, alternating round by round in one process; compile time reported apart. bf16 paid 2.2x+ on AMX
+Xeons and on an AMD Zen 4 (AVX512-BF16, no AMX) but lost on an AVX512-BF16 Xeon, so the CPU's bf16 flags go in
+the JSON. Quiet 2-core machine: ~5-7 min (~3 of it compiling on a cold Inductor cache, far less warm);
+--quick (resnet8, 2 steps, 1 round): ~1-2 min cold, seconds with --no-compile.
     python benchmarks/bench_precision.py
     python benchmarks/bench_precision.py --quick
 """
