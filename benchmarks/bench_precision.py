@@ -24,7 +24,7 @@ import config  # noqa: E402
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
 from models import build_model  # noqa: E402
-from utils.misc import make_precision, set_fp32_precision  # noqa: E402
+from utils.misc import bf16_conv_math_active, make_precision, set_fp32_precision  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 from utils.scheduler import build_scheduler  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
@@ -74,7 +74,7 @@ def main():
         b.models, b.steps, b.rounds = "resnet8", 2, 1
     threads = [int(t) for t in b.threads.split(",")]
     variants = {k: v for k, v in VARIANTS.items() if b.compile or not v[2]}
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # --fp32_precision bf16 is refused on such CPUs
+    if not bf16_conv_math_active():  # --fp32_precision bf16 is refused where it would change nothing
         variants = {k: v for k, v in variants.items() if v[3] != "bf16"}
 
     args = config.parse_args(["--batch_size", str(b.batch_size), "--device", "cpu",

@@ -1,6 +1,7 @@
 """--fp32_precision: bf16 math on the CPU is the fp32 convolution/matmul of bf16-rounded inputs (fp32
-accumulation), checked against that computation done in IEEE fp32; impossible device/mode pairs are one-line
-errors before anything is written."""
+accumulation), checked against that computation done in IEEE fp32; a CPU whose oneDNN ignores the setting (AMD
+Zen 4) is found by a probe and refused; impossible device/mode pairs are one-line errors before anything is
+written."""
 import os
 
 import pytest
@@ -12,8 +13,18 @@ from utils.errors import UserError
 
 BACKENDS = (torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul, torch.backends.cudnn.conv,
             torch.backends.cuda.matmul)
-bf16_cpu = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+has_bf16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                               reason="this CPU has no bf16 instructions (AVX512-BF16/AMX)")
+
+
+def _bf16_math_active():
+    from utils.misc import bf16_conv_math_active
+    return bf16_conv_math_active()
+
+
+bf16_cpu = pytest.mark.skipif(not _bf16_math_active(),
+                              reason="oneDNN runs no bf16 math for fp32 convolutions on this CPU (or it has no "
+                                     "bf16 instructions): --fp32_precision bf16 is refused here")
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +64,31 @@ def test_bf16_conv_is_fp32_conv_of_bf16_rounded_inputs():
     F.conv2d(xe, we, padding=1).square().sum().backward()
     rel = (wr.grad - we.grad).norm() / we.grad.norm()
     assert 1e-5 < rel < 2e-2, rel  # bf16's 8-bit mantissa: close to, not equal to, IEEE
+
+
+@has_bf16
+def test_the_probe_says_what_a_larger_convolution_does():
+    # a different shape and layout from the probe's: under the bf16 setting the output changes iff the probe says
+    from utils.misc import bf16_conv_math_active
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(4, 32, 10, 10, generator=g), torch.randn(64, 32, 3, 3, generator=g)
+    conv = torch.backends.mkldnn.conv
+    out = []
+    for mode in ("ieee", "bf16"):
+        conv.fp32_precision = mode
+        out.append(F.conv2d(x, w, padding=1))
+    conv.fp32_precision = "ieee"
+    assert bf16_conv_math_active() == (not torch.equal(*out))
+    assert conv.fp32_precision == "ieee"  # the probe put the setting back
+
+
+def test_bf16_math_is_refused_where_it_would_change_nothing(monkeypatch):
+    from utils import misc
+    before = torch.backends.mkldnn.conv.fp32_precision
+    monkeypatch.setattr(misc, "bf16_conv_math_active", lambda: False)  # what an AMD Zen 4's probe answers
+    with pytest.raises(UserError, match="--fp32_precision bf16 (would change nothing|needs a CPU)"):
+        misc.set_fp32_precision(torch.device("cpu"), "bf16")
+    assert torch.backends.mkldnn.conv.fp32_precision == before  # nothing was switched on
 
 
 def test_impossible_device_and_mode_pairs_are_refused():

@@ -95,6 +95,28 @@ def make_precision(device, amp, amp_dtype="auto", channels_last=False):
     return Precision(device, dtype, bool(amp), bool(channels_last))
 
 
+def bf16_conv_math_active():
+    """Whether oneDNN really computes fp32 convolutions on bf16-rounded inputs when asked (--fp32_precision
+    bf16). Having the instructions is not enough: on an AMD Zen 4 (AVX512-BF16, no AMX; torch 2.14, oneDNN 3.12)
+    the convolutions stayed IEEE fp32, bit for bit. A small probe convolution computed both ways answers it; the
+    setting is restored afterwards."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    conv = torch.backends.mkldnn.conv
+    saved = conv.fp32_precision
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(32, 16, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    out = []
+    try:
+        for mode in ("ieee", "bf16"):
+            conv.fp32_precision = mode
+            out.append(F.conv2d(x, w, padding=1))
+    finally:
+        conv.fp32_precision = saved
+    return not torch.equal(*out)
+
+
 def set_fp32_precision(device, mode):
     """--fp32_precision: how fp32 convolutions and matmuls compute (a process-wide torch setting).
 
@@ -120,6 +142,10 @@ def set_fp32_precision(device, mode):
     if mode == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise UserError("--fp32_precision bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX), which this "
                         "one lacks; pass --fp32_precision default instead")
+    if mode == "bf16" and not bf16_conv_math_active():
+        raise UserError("--fp32_precision bf16 would change nothing on this CPU: oneDNN keeps its fp32 convolutions "
+                        "in IEEE fp32 here (seen on AMD Zen 4); pass --fp32_precision default, and --amp for bf16 "
+                        "speed")
     torch.backends.mkldnn.conv.fp32_precision = mode
     torch.backends.mkldnn.matmul.fp32_precision = mode
 
