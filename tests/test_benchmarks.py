@@ -79,7 +79,8 @@ def test_bench_data_quick(tmp_path):
 def test_bench_precision_quick(tmp_path):
     res, _ = _run("bench_precision.py", tmp_path, "--quick", "--no-compile", "--threads", "1", "--batch_size", "8")
     variants = {r["variant"] for r in res["rows"]}
-    bf16_math = {"fp32 bf16-math channels_last"} if torch.ops.mkldnn._is_mkldnn_bf16_supported() else set()
+    from utils.misc import bf16_conv_math_active
+    bf16_math = {"fp32 bf16-math channels_last"} if bf16_conv_math_active() else set()
     assert variants == {"fp32 NCHW", "fp32 channels_last", "bf16 NCHW", "bf16 channels_last"} | bf16_math
     base = next(r for r in res["rows"] if r["variant"] == "fp32 NCHW")
     assert base["speedup_vs_fp32_nchw"] == 1.0
