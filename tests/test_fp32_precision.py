@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import cli_error
 from utils.errors import UserError
+from utils.misc import bf16_conv_math_active
 
 BACKENDS = (torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul, torch.backends.cudnn.conv,
             torch.backends.cuda.matmul)
@@ -17,12 +18,7 @@ has_bf16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                               reason="this CPU has no bf16 instructions (AVX512-BF16/AMX)")
 
 
-def _bf16_math_active():
-    from utils.misc import bf16_conv_math_active
-    return bf16_conv_math_active()
-
-
-bf16_cpu = pytest.mark.skipif(not _bf16_math_active(),
+bf16_cpu = pytest.mark.skipif(not bf16_conv_math_active(),
                               reason="oneDNN runs no bf16 math for fp32 convolutions on this CPU (or it has no "
                                      "bf16 instructions): --fp32_precision bf16 is refused here")
 
@@ -69,7 +65,6 @@ def test_bf16_conv_is_fp32_conv_of_bf16_rounded_inputs():
 @has_bf16
 def test_the_probe_says_what_a_larger_convolution_does():
     # a different shape and layout from the probe's: under the bf16 setting the output changes iff the probe says
-    from utils.misc import bf16_conv_math_active
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(4, 32, 10, 10, generator=g), torch.randn(64, 32, 3, 3, generator=g)
     conv = torch.backends.mkldnn.conv
