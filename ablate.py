@@ -14,6 +14,9 @@ variant may name its own, e.g. `metric: test_acc_ema` for EMA, `swa_val_acc` for
 --jobs J runs J trainings at once with cores // J threads each (OMP_NUM_THREADS and train.py --threads), so
 jobs x threads <= cores. Small models often use 1 thread about as well as 2, so --jobs 2 can finish sooner on
 2 cores; train times in the table are comparable only between ablations run with the same --jobs.
+Outputs (in --out): ablation.md, ablation.json and ablation.png, and ablation.csv with one row per finished run;
+the CSV opens with the environment of the call that first wrote it (`# key: value` lines, reporting/environment.py)
+and each row's `env` column names the machine its run was launched on, so a resumed ablation shows mixed machines.
 """
 import argparse
 import difflib
@@ -31,6 +34,7 @@ import time
 import yaml
 
 import config
+from reporting.environment import env_key, environment, read_csv, write_csv, write_json
 from utils.errors import UserError, run_cli
 
 log = logging.getLogger("ablate")
@@ -42,7 +46,7 @@ VARIANT_KEYS = {"name", "flags", "metric"}
 RESERVED = {"seed", "output_dir", "resume", "overwrite", "config", "eval_only", "ckpt", "plot_lr", "preview_aug",
             "threads"}
 # Flags that change how a run executes but not what it computes; a finished run is reused whatever they were.
-NOT_COMPARED = {"threads", "no_progress", "tensorboard", "workers"}
+NOT_COMPARED = {"threads", "progress", "tensorboard", "workers"}
 NAMED_CHOICES = {"opt": config.OPTIMIZERS, "scheduler": config.SCHEDULERS, "init": config.INITS}
 
 
@@ -127,19 +131,14 @@ def seed_list(seeds):
 # ---------------------------------------------------------------- from flags to commands
 
 def cli_tokens(parser, flags):
-    """train.py command-line tokens for `flags`, plus the flags a command line cannot say (a store_true flag
-    set to false, a value of null), which go into a config file instead."""
+    """train.py command-line tokens for `flags` (booleans as --x / --no_x), plus the flags a command line cannot
+    say (a value of null), which go into a config file instead."""
     actions = {a.dest: a for a in parser._actions}
     tokens, rest = [], {}
     for k, v in flags.items():
         a, opt = actions[k], f"--{k}"
-        if isinstance(a, argparse.BooleanOptionalAction):
-            tokens.append(opt if v else f"--no-{k}")
-        elif isinstance(a, argparse._StoreTrueAction):
-            if v:
-                tokens.append(opt)
-            else:
-                rest[k] = v
+        if isinstance(a, config.BoolFlag):
+            tokens.append(opt if v else f"--no_{k}")
         elif v is None:
             rest[k] = v
         elif isinstance(v, (list, tuple)):
@@ -223,9 +222,10 @@ def _norm(v):
 
 # ---------------------------------------------------------------- running
 
-def execute(runs, jobs, threads):
+def execute(runs, jobs, threads, machine):
     """Run the pending commands, `jobs` at a time; returns {(variant, seed): (returncode, seconds)}.
-    Each child's stdout and stderr go to <run dir>/ablate_stdout.log (appended, so a resumed run keeps both)."""
+    Each child's stdout and stderr go to <run dir>/ablate_stdout.log (appended, so a resumed run keeps both);
+    <run dir>/ablate_env.json holds the command and the environment `machine` it was (last) launched in."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending = [r for r in runs if r["status"] != "done"]
     running, results, n = {}, {}, len(pending)
@@ -234,6 +234,7 @@ def execute(runs, jobs, threads):
             while pending and len(running) < jobs:
                 r = pending.pop(0)
                 os.makedirs(r["dir"], exist_ok=True)
+                write_json(os.path.join(r["dir"], "ablate_env.json"), {"command": shlex.join(r["cmd"])}, machine)
                 f = open(os.path.join(r["dir"], "ablate_stdout.log"), "a")
                 f.write(f"$ {shlex.join(r['cmd'])}\n")
                 f.flush()
@@ -268,6 +269,32 @@ def read_run(run_dir, metric):
     if metric not in s:
         return None, f"summary.json has no {metric!r} (keys: {', '.join(sorted(s))})"
     return float(s[metric]), float(s.get("train_seconds", float("nan")))
+
+
+def run_env(run_dir):
+    """env_key() of the environment the run was launched in; "" for runs from before ablate_env.json."""
+    path = os.path.join(run_dir, "ablate_env.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        return env_key(json.load(f)["environment"])
+
+
+def write_runs_csv(path, runs, values, seconds, metric_of, machine):
+    """ablation.csv: one row per finished run, with its environment in `env`. Rows of runs this call did not
+    plan are kept, and so is the environment header of the call that first wrote the file.
+    Returns the set of environments the rows name."""
+    header, rows = (machine, []) if not os.path.isfile(path) else read_csv(path)
+    rows = {(r["variant"], r["seed"]): r for r in rows}
+    for r in runs:
+        key = (r["variant"], str(r["seed"]))
+        rows.pop(key, None)  # planned now: the row below, or none if the run has no result any more
+        if r["seed"] in values[r["variant"]]:
+            rows[key] = {"variant": r["variant"], "seed": r["seed"], "metric": metric_of[r["variant"]],
+                         "value": values[r["variant"]][r["seed"]], "train_seconds": seconds[r["variant"]][r["seed"]],
+                         "env": run_env(r["dir"])}
+    write_csv(path, list(rows.values()), header)
+    return {r["env"] for r in rows.values()} - {""}
 
 
 def _last_error(run_dir):
@@ -418,12 +445,13 @@ def main(argv=None):
             os.makedirs(os.path.dirname(v["config"]), exist_ok=True)
             with open(v["config"], "w") as f:
                 yaml.safe_dump(v["config_flags"], f, sort_keys=False)
+    machine = {**environment(), "threads": threads}  # the threads of each training, not of this process
     todo = sum(r["status"] != "done" for r in runs)
     log.info(f"{len(variants)} variants x {len(seeds)} seeds: {len(runs) - todo} done, {todo} to run "
              f"({args.jobs} at a time, {threads} threads each)")
     t0 = time.time()
     try:
-        execute(runs, args.jobs, threads)
+        execute(runs, args.jobs, threads, machine)
     except KeyboardInterrupt:
         log.warning("interrupted; finished runs are kept and the others resume: rerun the same command")
         return 130
@@ -452,11 +480,14 @@ def main(argv=None):
               "std": "sample standard deviation (ddof=1) over seeds",
               "ci95": "half-width t_{0.975, n-1} * sd(d) / sqrt(n) of the per-seed differences d",
               "variants": rows, "failed": failed}
-    with open(os.path.join(args.out, "ablation.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(args.out, "ablation.json"), result, machine)
+    envs = write_runs_csv(os.path.join(args.out, "ablation.csv"), runs, values, seconds, metric_of, machine)
+    if len(envs) > 1:
+        log.warning(f"the runs were launched in {len(envs)} environments ({'; '.join(sorted(envs))}); train "
+                    f"times compare only within one (see the env column of ablation.csv)")
     plot(rows, os.path.join(args.out, "ablation.png"))
     print(table, end="")
-    log.info(f"wrote {args.out}/ablation.md, ablation.json, ablation.png")
+    log.info(f"wrote {args.out}/ablation.md, ablation.json, ablation.csv, ablation.png")
     return 1 if failed else 0
 
 

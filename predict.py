@@ -21,28 +21,38 @@ from tqdm import tqdm
 
 import config
 from datasets.files import IMG_EXTENSIONS, load_image
-from utils.checkpoint import load_checkpoint, load_model
+from engine.checkpoint import load_checkpoint, load_model
+from engine.precision import make_precision
 from utils.errors import UserError, run_cli
-from utils.misc import make_precision, resolve_device, tta_views
+from utils.misc import resolve_device, tta_views
 
 log = logging.getLogger("predict")
 
 
 def get_parser():
-    p = config.get_parser()
-    p.description = "Predict classes with a checkpoint; the data flags apply without --images/--list."
-    ckpt = next(a for a in p._actions if a.dest == "ckpt")
-    ckpt.nargs, ckpt.help = None, "checkpoint (.pt of train.py / reparam_export.py) or .onnx file"  # one model
+    p = config.tool_parser("Top-k predictions of a checkpoint for image files or a dataset split, as CSV.",
+                           usage="%(prog)s --ckpt PATH [--images DIR | --list FILE | data flags] [options]")
     g = p.add_argument_group("predict")
-    g.add_argument("--images", default=None, metavar="DIR", help="predict every image file under DIR")
-    g.add_argument("--list", default=None, metavar="FILE",
+    g.add_argument("--ckpt", metavar="PATH", help="a .pt of train.py / reparam_export.py, or an .onnx")
+    g.add_argument("--meta", metavar="PATH", help="for an .onnx --ckpt: the .pt it was exported from")
+    g.add_argument("--use_ema", action=config.BoolFlag, help="predict with the checkpoint's EMA weights")
+    g.add_argument("--images", metavar="DIR", help="predict every image file under DIR")
+    g.add_argument("--list", metavar="FILE",
                    help="text file of image paths, one a line (relative to the current or the list's folder)")
-    g.add_argument("--split", default="val", choices=("val", "test"),
-                   help="without --images/--list: which split of the dataset to predict")
+    g.add_argument("--split", default="val", choices=("val", "test"), help="the dataset split to predict")
     g.add_argument("--out", default="predictions.csv", help="CSV to write")
-    g.add_argument("--topk", type=int, default=5, help="classes per image (at most the number of classes)")
-    g.add_argument("--meta", default=None, metavar="PATH",
-                   help="with an .onnx --ckpt: the checkpoint holding its class names and input size")
+    g.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image")
+    g.add_argument("--batch_size", type=int, default=256, metavar="N", help="images per batch")
+    g.add_argument("--tta", action=config.BoolFlag, help="flip test-time augmentation")
+    g.add_argument("--tta_shift", type=int, default=0, metavar="PX", help="also average views shifted by +-PX pixels")
+    g.add_argument("--progress", action=config.BoolFlag, default=True, help="tqdm progress bar")
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--cuda", action=config.BoolFlag, help="CUDA if available, else CPU")
+    g.add_argument("--amp", action=config.BoolFlag, help="autocast to --amp_dtype")
+    g.add_argument("--amp_dtype", default="auto", choices=("auto", "bf16", "fp16"))
+    g.add_argument("--channels_last", action=config.BoolFlag, default=True, help="channels-last memory format")
+    config.add_data_args(p, unset="the checkpoint's training flags (with --images/--list: train.py's defaults)")
     return p
 
 
@@ -161,8 +171,8 @@ def file_batches(names, paths, in_chans, img_size, batch_size, skip_bad, workers
                 yield [n for n, _ in good], torch.stack([x for _, x in good]), None, len(chunk)
 
 
-def dataset_batches(args, ckpt):
-    """(batch iterator, number of images) over --split of the dataset the data flags describe."""
+def dataset_batches(args, ckpt, split, ckpt_path):
+    """(batch iterator, number of images) over `split` of the dataset that `args` (train.py's flags) describe."""
     import datasets
     from datasets.loader import FileLoader
     cfg = ckpt["model_config"]
@@ -171,9 +181,9 @@ def dataset_batches(args, ckpt):
     if ckpt.get("class_names") and list(ckpt["class_names"]) != list(data.class_names):
         log.warning("the dataset's class names differ from the checkpoint's; predictions use the checkpoint's")
     if cfg["num_classes"] != data.num_classes:
-        raise UserError(f"{args.ckpt} predicts {cfg['num_classes']} classes but the data has {data.num_classes}; "
+        raise UserError(f"{ckpt_path} predicts {cfg['num_classes']} classes but the data has {data.num_classes}; "
                         f"predict on the dataset it was trained on")
-    loader = data.test_loader if args.split == "test" else data.val_loader
+    loader = data.test_loader if split == "test" else data.val_loader
     if loader is None:
         raise UserError(f"--split test: this dataset has no separate test split (the validation split is "
                         f"{data.val_name}); use --split val")
@@ -209,42 +219,43 @@ def _write_csv(path, header, rows):
 
 
 def main(argv=None):
-    parser = get_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if not pre.ckpt:
+    args = get_parser().parse_args(argv)
+    if not args.ckpt:
         raise UserError("--ckpt PATH is required: a checkpoint of train.py / reparam_export.py, or an .onnx file")
-    if pre.images and pre.list:
+    if args.images and args.list:
         raise UserError("pass one of --images DIR and --list FILE (or neither, to predict a dataset split)")
-    if pre.topk < 1:
-        raise UserError(f"--topk {pre.topk} must be at least 1")
-    if pre.tta_shift < 0:
-        raise UserError(f"--tta_shift must be 0 (off) or a number of pixels (got {pre.tta_shift})")
-    out_dir = os.path.dirname(os.path.abspath(pre.out))
+    if args.topk < 1:
+        raise UserError(f"--topk {args.topk} must be at least 1")
+    if args.tta_shift < 0:
+        raise UserError(f"--tta_shift must be 0 (off) or a number of pixels (got {args.tta_shift})")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; name the CSV file to write, e.g. {args.out}/predictions.csv")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
-        raise UserError(f"folder {out_dir} of --out {pre.out} does not exist; create it first")
-    if os.path.realpath(pre.out) in {os.path.realpath(p) for p in (pre.ckpt, pre.meta, pre.list) if p}:
-        raise UserError(f"--out {pre.out} is an input file; write the predictions elsewhere")
-    device = resolve_device(pre.device, pre.cuda, pre.gpus)
-    predictor, ckpt = load_predictor(pre, device)
+        raise UserError(f"folder {out_dir} of --out {args.out} does not exist; create it first")
+    if os.path.realpath(args.out) in {os.path.realpath(p) for p in (args.ckpt, args.meta, args.list) if p}:
+        raise UserError(f"--out {args.out} is an input file; write the predictions elsewhere")
+    device = resolve_device(args.device, args.cuda)
+    predictor, ckpt = load_predictor(args, device)
     cfg = ckpt["model_config"]
     class_names = list(ckpt.get("class_names") or [str(c) for c in range(cfg["num_classes"])])
-    if not pre.images and not pre.list:
-        # The data flags default to the run's own, so `--ckpt run/best.pt` predicts its validation split.
-        data_flags = {a.dest for g in parser._action_groups if g.title == "data" for a in g._group_actions}
-        parser.set_defaults(**{k: v for k, v in (ckpt.get("args") or {}).items() if k in data_flags})
-    args = config.parse_args(argv, parser=parser)
+    labelled = not (args.images or args.list)
+    # train.py's defaults < (for a dataset split) the run's own flags, so that `--ckpt run/best.pt` predicts its
+    # validation split < the data flags given here
+    saved = (ckpt.get("args") or {}) if labelled else {}
+    data_args = config.training_defaults(saved, config.given_data_flags(args), {"batch_size": args.batch_size})
 
-    skipped, labelled = [], not (args.images or args.list)
+    skipped = []
     if labelled:
-        batches, total = dataset_batches(args, ckpt)
+        batches, total = dataset_batches(data_args, ckpt, args.split, args.ckpt)
     else:
         names, paths = scan_images(args.images) if args.images else read_list(args.list)
         batches = file_batches(names, paths, cfg["in_chans"], cfg["img_size"], args.batch_size,
-                               args.skip_bad_images, args.workers, skipped)
+                               data_args.skip_bad_images, data_args.workers, skipped)
         total = len(paths)
     k = min(args.topk, len(class_names))
     rows, correct = [], 0
-    with tqdm(total=total, unit="img", disable=args.no_progress, dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="img", disable=not args.progress, dynamic_ncols=True) as bar:
         for names_, x, y, n in batches:
             probs = predictor(x, tta=args.tta, tta_shift=args.tta_shift).softmax(1)
             top_p, top_i = probs.topk(k, dim=1)

@@ -8,7 +8,6 @@ the copy's outputs (and those of the ONNX / TorchScript files) must match the tr
 a real batch (torch.testing.assert_close), otherwise nothing is written and the exit code is 1.
 `train.py --eval_only --ckpt deploy.pt` evaluates the result.
 """
-import argparse
 import copy
 import os
 import statistics
@@ -18,10 +17,11 @@ import warnings
 
 import torch
 
+import config
+from engine.checkpoint import load_checkpoint, load_model, save_checkpoint
 from models import model_summary
-from utils.checkpoint import load_checkpoint, load_model, save_checkpoint
+from models.reparam import count_reparameterizable, reparameterize_model
 from utils.errors import UserError, run_cli
-from utils.reparam import count_reparameterizable, reparameterize_model
 
 
 class Mismatch(Exception):
@@ -29,18 +29,17 @@ class Mismatch(Exception):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="training checkpoint (best.pt / last.pt of train.py)")
-    p.add_argument("--out", required=True, help="deploy checkpoint to write")
-    p.add_argument("--use_ema", action="store_true", help="export the EMA weights of the checkpoint")
+    p = config.tool_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="training checkpoint (best.pt / last.pt of train.py)")
+    p.add_argument("--out", required=True, metavar="PATH", help="deploy checkpoint to write")
+    p.add_argument("--use_ema", action=config.BoolFlag, help="export the EMA weights of the checkpoint")
     p.add_argument("--onnx", default=None, metavar="PATH", help="also export ONNX (checked with onnxruntime)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (>= 17)")
+    p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset version (>= 17)")
     p.add_argument("--torchscript", default=None, metavar="PATH", help="also export TorchScript (traced)")
-    p.add_argument("--check_batch", type=int, default=16, help="images in each comparison batch")
+    p.add_argument("--check_batch", type=int, default=16, metavar="N", help="images in each comparison batch")
     p.add_argument("--rtol", type=float, default=1e-4, help="assert_close relative tolerance on the logits")
     p.add_argument("--atol", type=float, default=1e-4, help="assert_close absolute tolerance on the logits")
-    p.add_argument("--latency_runs", type=int, default=20,
+    p.add_argument("--latency_runs", type=int, default=20, metavar="N",
                    help="timed CPU forward passes per batch size (median reported; 0 = skip timing)")
     return p
 
@@ -58,14 +57,11 @@ def check_outputs(name, got, expected, rtol, atol):
 
 def real_batch(ckpt_args, shape, n):
     """Up to n evaluation images of the run's own data as floats in [0, 1], or None if unavailable."""
-    import config  # local: only needed here, and they pull in the data stack
-    import datasets
+    import datasets  # local: only needed here, and it pulls in the data stack
     if not ckpt_args:
         print("the checkpoint stores no training args, so its data is unknown; checking a random batch only")
         return None
-    args = config.get_parser().parse_args([])
-    vars(args).update(ckpt_args)
-    args.download = False
+    args = config.training_defaults(ckpt_args, {"download": False})
     try:
         x, _ = next(iter(datasets.build_data(args).val_loader))
     except (UserError, OSError, StopIteration) as e:

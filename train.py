@@ -5,191 +5,56 @@ or None), then runs `for epoch: train_one_epoch(); evaluate(); save_checkpoint()
     python train.py                          # Fashion-MNIST, ResNet-20, the default recipe
     torchrun --nproc_per_node 2 train.py     # data-parallel
 """
+import dataclasses
 import functools
+import json
 import logging
-import math
 import os
+import signal
 import time
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 import config
-from datasets import build_data, inverse_frequency_weights
-from datasets.transforms import build_batch_augment, describe as describe_aug
+from config import options
+from datasets import DataOptions, build_data, inverse_frequency_weights
+from datasets.transforms import build_batch_augment
+from datasets.transforms import describe as describe_aug
+from engine import distributed as dist_utils
+from engine.budget import TimeBudget, eval_share, replan_schedule
+from engine.checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    load_model,
+    load_state,
+    load_states,
+    save_checkpoint,
+    save_states,
+    set_rng_state,
+)
+from engine.ensemble import load_ensemble, member_threads, train_members
+from engine.loop import NonFiniteLoss, StepTricks, evaluate, make_criterion, train_one_epoch, unwrap  # noqa: F401
+from engine.optim import OptimizerOptions, build_optimizer, scaled_lr
+from engine.precision import make_precision, set_fp32_precision
+from engine.scheduler import OWN_WARMUP, ScheduleOptions, build_scheduler, plot_lr
 from models import build_model, model_config, model_summary
-from utils import distributed as dist_utils
-from utils.adversarial import build_attack, pgd, pgd_eval_defaults
-from utils.awp import AWP
-from utils.budget import TimeBudget, eval_share, replan_schedule
-from utils.checkpoint import get_rng_state, load_checkpoint, load_model, load_state, save_checkpoint, set_rng_state
-from utils.ema import ModelEMA
-from utils.ensemble import load_ensemble, train_ensemble
-from utils.errors import UserError, run_cli
-from utils.infobatch import InfoBatch, check_infobatch
-from utils.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
-from utils.lookahead import Lookahead
+from reporting.report import loader_image_getter, write_eval_report
+from reporting.tb import log_epoch, log_images, make_tb_writer
+from tricks.adversarial import AdvOptions, build_attack, pgd, pgd_eval_defaults
+from tricks.awp import AWP
+from tricks.ema import ModelEMA
+from tricks.infobatch import InfoBatch, check_infobatch
+from tricks.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
+from tricks.lookahead import Lookahead
+from tricks.mix import MixOptions, build_mixer
+from tricks.prog_resize import check_any_size, epoch_cost, train_size
+from tricks.swa import SWA
+from utils.errors import Interrupted, UserError, run_cli
 from utils.logger import setup_logging
-from utils.misc import (make_precision, resize_square, resolve_device, seed_everything, set_fp32_precision,
-                        topk_hits, tta_views)
-from utils.mix import build_mixer
-from utils.optim import build_optimizer, scaled_lr
-from utils.outputs import plot_curves, prepare_output_dir, write_json, write_metrics_csv
-from utils.prog_resize import check_any_size, epoch_cost, train_size
-from utils.report import loader_image_getter, write_eval_report
-from utils.scheduler import build_scheduler, plot_lr
-from utils.swa import SWA
-from utils.tb import log_epoch, log_images, make_tb_writer
+from utils.misc import resolve_device, seed_everything, tta_views
+from utils.outputs import eval_dir, plot_curves, prepare_output_dir, write_json, write_metrics_csv
 
 log = logging.getLogger("train")
-
-
-class NonFiniteLoss(UserError):
-    pass
-
-
-SYNC_EVERY = 50  # steps between host syncs of the training loss on a GPU
-
-
-def _non_finite(epoch, step, sync_every):
-    where = f"epoch {epoch + 1} step {step + 1}" + ("" if sync_every == 1 else f" (checked every {sync_every} steps)")
-    return NonFiniteLoss(f"loss became non-finite at {where}; the last good checkpoint is kept; "
-                         f"lower --lr, add --warmup_epochs or --clip_grad")
-
-
-def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, epoch, *, mix=None,
-                    attack=None, attack_loss=None, awp=None, ema=None, unwrapped=None, step_sched=True,
-                    clip_grad=0.0, teacher=None, progress=False, sync_every=None, lookahead=None, side=None,
-                    prune=None, sched_steps=None):
-    """One pass over the training data. Each trick enters at one visible call point.
-
-    `model` may be DDP/compile-wrapped; `unwrapped` is the plain module (EMA source, attack target).
-    side: train on images resized to side x side (--prog_resize); None keeps the loader's size.
-    prune: an InfoBatch (--infobatch): the loader yields (x, y, sample indices) and the loss is its weighted
-    per-sample mean. sched_steps: schedule steps per full epoch; an epoch of fewer batches (pruned) steps the
-    schedule proportionally more often, so each epoch ends where a full one would.
-    sync_every: steps between host syncs for the non-finite-loss check (default: 1 on the CPU, where a sync is
-    free, SYNC_EVERY elsewhere, where .item() every step would stall the device queue).
-    """
-    unwrapped = unwrapped if unwrapped is not None else model
-    model.train()
-    if sync_every is None:
-        sync_every = 1 if prec.device.type == "cpu" else SYNC_EVERY
-    loss_sum = torch.zeros((), dtype=torch.float64, device=prec.device)
-    correct = torch.zeros((), dtype=torch.int64, device=prec.device)
-    seen, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
-    num_steps = len(loader)
-    sched_steps = sched_steps or num_steps
-    took_step = [False]
-    hook = optimizer.register_step_post_hook(lambda *_: took_step.__setitem__(0, True))
-    for step, (x, y, *idx) in enumerate(bar):
-        x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
-        if side is not None:
-            x = resize_square(x, side)  # progressive resizing: every trick below sees the resized batch
-        if mix is not None:
-            x, y = mix(x, y)  # soft targets; label smoothing stays inside the criterion
-        if attack is not None:
-            with prec.autocast():  # adversarial inputs, in [0, 1] pixel space; no DDP sync needed
-                x = attack.perturb(unwrapped, x, y, attack_loss)
-        teacher_logits = None
-        if teacher is not None:
-            with torch.no_grad(), prec.autocast():
-                teacher_logits = teacher(x)  # sees exactly the student's (mixed, perturbed) batch
-        if awp is not None:
-            with prec.autocast():
-                awp.perturb(x, y, attack_loss)  # weights w -> w + v (worst case near w)
-
-        optimizer.zero_grad(set_to_none=True)
-        with prec.autocast():
-            logits = model(x)
-            if prune is not None:
-                loss = prune.batch_loss(criterion(logits, y, reduction="none"), idx[0])
-            else:
-                loss = criterion(logits, y) if teacher is None else criterion(logits, y, teacher_logits)
-        n = y.shape[0]
-        loss_sum += loss.detach().double() * n
-        if (step + 1) % sync_every == 0 and not dist_utils.all_finite(loss_sum.item(), prec.device):
-            raise _non_finite(epoch, step, sync_every)  # on every rank together (all_finite is a collective)
-        scaler.scale(loss).backward()
-        if awp is not None:
-            awp.restore()  # back to w exactly: the gradient taken at w + v is applied at w
-        if clip_grad > 0:
-            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        took_step[0] = False
-        scaler.step(optimizer)
-        scaler.update()
-        # an fp16 overflow: GradScaler skipped optimizer.step(); the schedule, lookahead and EMA skip this step
-        # too, so they count only the steps the weights took (known from the optimizer's hook: no host sync)
-        stepped = took_step[0]
-        if step_sched and stepped:  # per-iteration schedule (SWA sets the lr per epoch instead)
-            for _ in range((step + 1) * sched_steps // num_steps - step * sched_steps // num_steps):
-                sched.step()  # once per step, unless the epoch is shorter than sched_steps
-        if lookahead is not None and stepped:
-            lookahead.step()  # every k-th step: slow += alpha (fast - slow); fast = slow
-        if ema is not None and stepped:
-            ema.update(unwrapped)
-
-        correct += topk_hits(logits.detach(), y, topk=(1,))[0]
-        seen += n
-        if progress and step % max(10, sync_every) == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-    hook.remove()
-    loss_sum, correct, seen = dist_utils.all_reduce_sum([loss_sum.item(), correct.item(), seen], prec.device)
-    if not math.isfinite(loss_sum):  # summed over ranks: a bad loss on any rank stops every rank here
-        raise _non_finite(epoch, step, sync_every)
-    seconds = time.perf_counter() - t0
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
-            "images_per_second": seen / seconds, "epoch_seconds": seconds}
-
-
-def evaluate(model, loader, prec, *, tta=False, tta_shift=0, adv_eps=0.0, adv_steps=0, collect=False):
-    """Loss, top-1 and top-5 over every sample exactly once (summed over processes).
-
-    tta: average the logits of the image and its horizontal flip; tta_shift > 0: also of the image translated
-    by +-tta_shift pixels (utils.misc.tta_views). adv_steps > 0: also PGD robust accuracy (on the plain view).
-    collect: also return the per-sample probabilities and targets (for the evaluation report).
-    """
-    model.eval()
-    # running sums stay on the device (no host sync per batch); loss in float64, counts as integers
-    loss_sum = torch.zeros((), dtype=torch.float64, device=prec.device)
-    top1 = top5 = robust = torch.zeros((), dtype=torch.int64, device=prec.device)
-    n = 0
-    probs, targets = [], []
-    for x, y in loader:
-        x, y = prec.to_input(x), y.to(prec.device, non_blocking=True)
-        with torch.no_grad(), prec.autocast():
-            views = tta_views(x, flip=tta, shift=tta_shift)
-            logits = sum(model(v).float() for v in views) / len(views)  # average in fp32, not bf16/fp16
-        hits1, hits5 = topk_hits(logits, y)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        top1, top5 = top1 + hits1, top5 + hits5
-        n += y.shape[0]
-        if adv_steps > 0:
-            with prec.autocast():
-                x_adv = pgd(model, x, y, **pgd_eval_defaults(adv_eps, adv_steps))  # deterministic
-                with torch.no_grad():
-                    robust = robust + (model(x_adv).argmax(1) == y).sum()
-        if collect:
-            probs.append(logits.softmax(1).cpu())
-            targets.append(y.cpu())
-    sums = [loss_sum.item(), top1.item(), top5.item(), robust.item(), n]
-    loss, top1, top5, robust, n = dist_utils.all_reduce_sum(sums, prec.device)
-    if n == 0:
-        raise UserError("the evaluation split is empty; check --val_ratio/--eval_subset")
-    out = {"loss": loss / n, "acc": top1 / n, "acc5": top5 / n}
-    if adv_steps > 0:
-        out["robust_acc"] = robust / n
-    if collect:
-        out["probs"], out["targets"] = torch.cat(probs), torch.cat(targets)
-    return out
-
-
-def make_criterion(label_smoothing=0.0, class_weights=None):
-    """Cross-entropy on class indices or soft targets; the one place label smoothing is applied."""
-    return functools.partial(F.cross_entropy, label_smoothing=label_smoothing, weight=class_weights)
 
 
 def whitening_batch(data, seed, n=5000):
@@ -208,23 +73,26 @@ def whitening_batch(data, seed, n=5000):
     return torch.cat(batches)[:n]
 
 
+def data_options(args):
+    """build_data's options from the flags (InfoBatch needs the sample indices with each batch)."""
+    return options(DataOptions, args, with_index=args.infobatch > 0)
+
+
 def tta_kwargs(args):
     """evaluate()'s test-time augmentation keywords from the flags."""
     return dict(tta=args.tta, tta_shift=args.tta_shift)
 
 
-def check_args(args):
-    for name in ("batch_size", "epochs"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive (got {args.lr})")
+def check_args(args, distill=False):
+    if distill and args.infobatch:
+        raise UserError("--infobatch is not supported by train_distill.py (its loss is not per sample); drop it")
+    if distill and args.ensemble > 1:
+        raise UserError("--ensemble is a train.py flag; train_distill.py trains one student")
+    # single values are range-checked with the flags (config.RANGES); here: what flags mean together
     if args.eval_only and not args.ckpt:
         raise UserError("--eval_only needs --ckpt PATH (a checkpoint written by train.py)")
     if args.resume and args.eval_only:
         raise UserError("--resume and --eval_only do not go together; use --eval_only --ckpt PATH")
-    if args.ensemble < 1:
-        raise UserError(f"--ensemble must be a number of members >= 1 (got {args.ensemble})")
     if args.ensemble > 1:
         clash = [f for f in ("eval_only", "resume", "plot_lr", "preview_aug", "swa") if getattr(args, f)]
         if clash:
@@ -234,12 +102,6 @@ def check_args(args):
             raise UserError("--ensemble starts its own processes; run it with plain python, not torchrun")
     if args.swa and args.swa_start >= args.epochs:
         raise UserError(f"--swa_start {args.swa_start} must be below --epochs {args.epochs}")
-    if args.tta_shift < 0:
-        raise UserError(f"--tta_shift must be 0 (off) or a number of pixels (got {args.tta_shift})")
-    if args.eval_interval < 1:
-        raise UserError(f"--eval_interval must be at least 1 (got {args.eval_interval})")
-    if args.time_budget < 0:
-        raise UserError(f"--time_budget must be a number of minutes > 0, or 0 for off (got {args.time_budget:g})")
     if args.time_budget and args.swa:
         raise UserError("--time_budget cannot move --swa_start with the planned epoch count; drop one of them, "
                         "or size --epochs for SWA yourself")
@@ -247,8 +109,14 @@ def check_args(args):
         raise UserError(f"--prog_resize {args.prog_resize} / --prog_resize_until {args.prog_resize_until:g}: "
                         "the start side must be at least 8 px (0 = off) and the fraction in (0, 1], e.g. "
                         "--prog_resize 16 --prog_resize_until 0.75")
-    if args.infobatch:
-        check_infobatch(args)
+    if args.infobatch:  # per-sample losses of plain (unmixed, clean) samples drawn without replacement
+        check_infobatch(args.infobatch, args.infobatch_anneal)
+        clash = [flag for flag, on in (("--mixup_alpha/--cutmix_alpha/--mosaic (mixed samples have no own loss)",
+                                        args.mixup_alpha or args.cutmix_alpha or args.mosaic),
+                                       (f"--adv {args.adv}", args.adv != "none"),
+                                       ("--balanced_sampler", args.balanced_sampler)) if on]
+        if clash:
+            raise UserError(f"--infobatch does not combine with {clash[0]}; drop one of them")
     if args.eval_interval > 1 and args.scheduler == "plateau":
         raise UserError("--scheduler plateau steps on every epoch's validation accuracy; use --eval_interval 1")
 
@@ -268,56 +136,30 @@ def setup_run(args):
         args.output_dir = args.output_dir or "."
         os.makedirs(args.output_dir, exist_ok=True)
     else:
-        if args.eval_only and args.output_dir is None:
-            args.output_dir = os.path.join(os.path.dirname(os.path.abspath(args.ckpt[0])), "eval")
-            os.makedirs(args.output_dir, exist_ok=True)
+        if args.eval_only:
+            args.output_dir = eval_dir(args.ckpt[0], args.output_dir, args.overwrite) if dist.is_main \
+                else args.output_dir
         elif dist.is_main:
             args.output_dir = prepare_output_dir(args.output_dir, args.model, args.dataset, args.resume,
-                                                 args.overwrite or args.eval_only)
+                                                 args.overwrite)
     setup_logging(os.path.join(args.output_dir, "train.log") if writes and dist.is_main else None, dist.is_main)
+    if args.warmup_epochs >= args.epochs and args.scheduler not in OWN_WARMUP and not args.eval_only:
+        # the first thing a user tries (`--epochs 1` with the default 1-epoch warmup) trains: warm up for half
+        warmup = args.epochs / 2
+        log.warning(f"--warmup_epochs {args.warmup_epochs:g} would leave no epochs of --scheduler "
+                    f"{args.scheduler} in {args.epochs} epoch(s); warming up for {warmup:g} instead")
+        args.warmup_epochs = warmup
     prec = make_precision(device, args.amp, args.amp_dtype, args.channels_last)
+    if args.ensemble == 1:  # an ensemble's members log their own
+        log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | channels_last "
+                 f"{prec.channels_last} | fp32 math {args.fp32_precision} | world size {dist.world_size} | "
+                 f"threads {torch.get_num_threads()}")
     return dist, prec
 
 
-def main(args, build_loss=None):
-    """Train (or evaluate) as the flags say. `build_loss(args, data, prec, criterion)` lets
-    train_distill.py swap the loss: it returns (criterion, teacher_or_None, extra_summary)."""
-    started = time.perf_counter()  # --time_budget counts from here
-    check_args(args)
-    if build_loss is not None and args.infobatch:
-        raise UserError("--infobatch is not supported by train_distill.py (its loss is not per sample); drop it")
-    if build_loss is not None and args.ensemble > 1:
-        raise UserError("--ensemble is a train.py flag; train_distill.py trains one student")
-    dist, prec = setup_run(args)
-    if args.ensemble > 1:
-        return train_ensemble(args, prec, started, os.path.abspath(__file__),
-                              lambda m, loader: evaluate(m, loader, prec, **tta_kwargs(args)))
-    log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | "
-             f"channels_last {prec.channels_last} | fp32 math {args.fp32_precision} | world size {dist.world_size} | "
-             f"threads {torch.get_num_threads()}")
-
-    # ---- data -------------------------------------------------------------------------------
-    data = build_data(args, rank=dist.rank, world_size=dist.world_size, device=prec.device)
-    steps_per_epoch = len(data.train_loader)
-    if args.plot_lr:
-        if args.time_budget:
-            log.warning(f"--plot_lr draws the schedule for --epochs {args.epochs}; under --time_budget the run "
-                        "fits it to the epochs that fit (cosine/onecycle/poly), known only while it runs")
-        plot_lr(args, steps_per_epoch, args.output_dir, lr=scaled_lr(args, dist.world_size))
-        return None
-    if args.preview_aug:
-        from utils.preview import save_aug_preview
-        path = os.path.join(args.output_dir, "aug_preview.png")
-        images = data.train_images[:64] if data.train_images is not None else next(iter(data.train_loader))[0]
-        save_aug_preview(images, data.train_labels[:64], data.class_names, build_batch_augment(args, data.in_chans),
-                         build_mixer(args, data.num_classes), path)
-        return log.info(f"wrote {path}")
-    if args.eval_only:
-        summary = eval_only(args, data, prec, dist)
-        dist_utils.cleanup()
-        return summary
-
-    # ---- model ------------------------------------------------------------------------------
+def build_model_for(args, data, prec):
+    """The model the flags describe, initialised (--init, --zero_init_residual, --whiten_stem) and on the device,
+    with its config (saved in every checkpoint) and size."""
     mcfg = model_config(args.model, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
                         args.attention, args.drop_path_rate, args.acb)
     model = build_model(**{k: v for k, v in mcfg.items() if k != "reparameterized"})
@@ -339,61 +181,99 @@ def main(args, build_loss=None):
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
     dist_utils.broadcast_module(model)  # ranks seed differently: all start (and EMA/SWA copy) rank 0's init
+    return model, mcfg, {"params": params, "flops": flops}
 
-    # ---- optimiser and schedule --------------------------------------------------------------
-    lr = scaled_lr(args, dist.world_size)
-    if lr != args.lr:
-        log.info(f"linear scaling rule: lr {args.lr} x {args.batch_size * dist.world_size}/{args.lr_base_batch}"
-                 f" = {lr:.5g}")
-    optimizer = build_optimizer(model, args, lr)
-    sched = build_scheduler(optimizer, args, steps_per_epoch)
-    scaler = prec.scaler()
-    class_weights = (inverse_frequency_weights(data.train_labels, data.num_classes).to(prec.device)
-                     if args.class_weights == "auto" else None)
-    criterion = make_criterion(args.label_smoothing, class_weights)
-    attack_loss = criterion
 
-    # ---- tricks: each is an object or None ---------------------------------------------------
-    ema = ModelEMA(model, args.ema_decay, args.ema_warmup) if args.ema else None  # before DDP/compile
-    lookahead = Lookahead(model, args.lookahead_k, args.lookahead_alpha) if args.lookahead_k else None
-    swa = SWA(model, optimizer, args.swa_start, args.swa_lr, args.swa_anneal_epochs) if args.swa else None
-    mix = build_mixer(args, data.num_classes)
-    for line in describe_aug(args):
-        log.info(f"aug: {line}")
-    attack = build_attack(args)
-    awp = AWP(model, args.awp_gamma) if args.adv == "awp" else None
-    prune = (InfoBatch(len(data.train_labels), args.infobatch, args.infobatch_anneal, args.seed,
-                       prec.device) if args.infobatch else None)
-    teacher, extra_summary = None, {}
-    if build_loss is not None:
-        criterion, teacher, extra_summary = build_loss(args, data, prec, criterion)
-
-    # ---- resume ------------------------------------------------------------------------------
-    start_epoch, best_acc, history, metrics = 0, 0.0, [], {}
-    if args.resume:
-        start_epoch, best_acc, history, metrics = restore_run(
-            args.resume, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead, prune)
-    train_seconds = metrics.get("train_seconds", 0.0)
-    epochs = (args.time_budget and metrics.get("planned_epochs")) or args.epochs  # a budget may plan fewer
-    budget = None
-    if args.time_budget:
-        views = len(tta_views(torch.zeros(1, 1, 1, 1), args.tta, args.tta_shift))
-        budget = TimeBudget(args.time_budget, args.epochs, args.eval_interval,
-                            eval_share(len(data.val_loader), steps_per_epoch, views, ema is not None),
-                            start=started, prior_s=metrics.get("wall_seconds") or train_seconds,
-                            extra_evals=int(data.test_loader is not None))
-
-    # ---- wrappers: DDP and compile see the model; EMA/checkpoints keep the unwrapped one --------
-    train_model = model
+def wrap_for_training(model, args, dist, prec):
+    """DDP and torch.compile see the model; EMA, evaluation and checkpoints keep the unwrapped one."""
     if args.sync_bn and not dist.enabled:
         log.warning("--sync_bn has no effect in a single process; it applies under torchrun")
     if dist.enabled:
         if args.sync_bn:
-            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[prec.device.index] if prec.device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[prec.device.index] if prec.device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+
+def draw_only(args, data, dist):
+    """--plot_lr / --preview_aug: one picture into --output_dir, no training."""
+    if args.plot_lr:
+        if args.time_budget:
+            log.warning(f"--plot_lr draws the schedule for --epochs {args.epochs}; under --time_budget the run "
+                        "fits it to the epochs that fit (cosine/onecycle/poly), known only while it runs")
+        return plot_lr(options(ScheduleOptions, args), len(data.train_loader), args.output_dir,
+                       lr=scaled_lr(options(OptimizerOptions, args), dist.world_size))
+    from reporting.preview import save_aug_preview
+    path = os.path.join(args.output_dir, "aug_preview.png")
+    images = data.train_images[:64] if data.train_images is not None else next(iter(data.train_loader))[0]
+    save_aug_preview(images, data.train_labels[:64], data.class_names,
+                     build_batch_augment(data_options(args), data.in_chans),
+                     build_mixer(options(MixOptions, args), data.num_classes), path)
+    log.info(f"wrote {path}")
+
+
+def main(args, build_loss=None):
+    """Train (or evaluate) as the flags say. `build_loss(args, data, prec, criterion)` lets
+    train_distill.py swap the loss: it returns (criterion, teacher_or_None, extra_summary)."""
+    started = time.perf_counter()  # --time_budget counts from here
+    check_args(args, distill=build_loss is not None)
+    dist, prec = setup_run(args)
+    if args.ensemble > 1:
+        return run_ensemble(args, prec, started, lambda m, loader: evaluate(m, loader, prec, **tta_kwargs(args)))
+    # ---- data -------------------------------------------------------------------------------
+    data = build_data(data_options(args), rank=dist.rank, world_size=dist.world_size, device=prec.device)
+    if args.tta_shift >= data.img_size:
+        raise UserError(f"--tta_shift {args.tta_shift} moves a {data.img_size}-pixel image out of view; use 1-2 px")
+    steps_per_epoch = len(data.train_loader)
+    if args.plot_lr or args.preview_aug:
+        return draw_only(args, data, dist)
+    if args.eval_only:
+        summary = eval_only(args, data, prec, dist)
+        dist_utils.cleanup()
+        return summary
+
+    # ---- model, optimiser and schedule --------------------------------------------------------
+    model, mcfg, size = build_model_for(args, data, prec)
+    lr = scaled_lr(options(OptimizerOptions, args), dist.world_size)
+    if lr != args.lr:
+        log.info(f"linear scaling rule: lr {args.lr} x {args.batch_size * dist.world_size}/{args.lr_base_batch}"
+                 f" = {lr:.5g}")
+    optimizer = build_optimizer(model, options(OptimizerOptions, args), lr)
+    sched = build_scheduler(optimizer, options(ScheduleOptions, args), steps_per_epoch)
+    scaler = prec.scaler()
+    class_weights = (inverse_frequency_weights(data.train_labels, data.num_classes).to(prec.device)
+                     if args.class_weights == "auto" else None)
+    criterion = make_criterion(args.label_smoothing, class_weights)
+
+    # ---- tricks: each is an object or None ---------------------------------------------------
+    ema = ModelEMA(model, args.ema_decay, args.ema_warmup) if args.ema else None  # before DDP/compile
+    swa = SWA(model, optimizer, args.swa_start, args.swa_lr, args.swa_anneal_epochs) if args.swa else None
+    for line in describe_aug(data_options(args)):
+        log.info(f"aug: {line}")
+    tricks = StepTricks(
+        mix=build_mixer(options(MixOptions, args), data.num_classes), attack=build_attack(options(AdvOptions, args)),
+        attack_loss=criterion,
+        awp=AWP(model, args.awp_gamma) if args.adv == "awp" else None,
+        prune=(InfoBatch(len(data.train_labels), args.infobatch, args.infobatch_anneal, args.seed, prec.device)
+               if args.infobatch else None),
+        lookahead=Lookahead(model, args.lookahead_k, args.lookahead_alpha) if args.lookahead_k else None,
+        ema=ema, clip_grad=args.clip_grad, sched_steps=steps_per_epoch)
+    extra_summary = {}
+    if build_loss is not None:
+        criterion, tricks.teacher, extra_summary = build_loss(args, data, prec, criterion)
+    robust = functools.partial(pgd, **pgd_eval_defaults(args.adv_eps, args.eval_adv_steps)) \
+        if args.eval_adv == "pgd" else None
+    # checkpoint and resume loop over these: a name, state_dict() and load_state_dict() each
+    stateful = {name: part for name, part in dict(
+        optimizer=optimizer, scheduler=sched, scaler=scaler, ema=ema, swa=swa, lookahead=tricks.lookahead,
+        infobatch=tricks.prune).items() if part is not None}
+
+    # ---- resume, budget, wrappers -------------------------------------------------------------
+    run = restore_run(args.resume, mcfg, model, stateful, dist) if args.resume else RunState()
+    epochs = (args.time_budget and run.planned_epochs) or args.epochs  # a budget may plan fewer
+    budget = make_budget(args, data, started, run, ema is not None)
+    train_model = wrap_for_training(model, args, dist, prec)
     if dist.is_main:
         config.save_config(args, os.path.join(args.output_dir, "config.yaml"))
     tb = make_tb_writer(args.output_dir, args.tensorboard and dist.is_main)  # None when off
@@ -402,33 +282,31 @@ def main(args, build_loss=None):
         log_images(tb, "train/images", loader_image_getter(data.train_loader)(first), 0)
 
     # ---- the loop ----------------------------------------------------------------------------
-    progress = dist.is_main and not args.no_progress and os.isatty(1)
+    progress = dist.is_main and args.progress and os.isatty(1)
     val = {}
-    adv_eval = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
     resize_cost = epoch_cost(data.img_size, args.prog_resize, args.prog_resize_until)  # 1 without --prog_resize
+    prune = tricks.prune
 
     def cost(k, e):  # epoch k's (1-based) share of a full epoch's time in a run of e epochs, for the budget
         return resize_cost(k, e) * (prune.cost(k, e) if prune is not None else 1.0)
     if budget is not None:
         budget.begin()
-    for epoch in range(start_epoch, args.epochs):
-        if epoch >= epochs:
+    for epoch in range(run.epoch, args.epochs):
+        if epoch >= epochs:  # the budget planned fewer epochs
             break
         data.train_loader.set_epoch(epoch)
         swa_on = swa is not None and swa.active(epoch)
         side = train_size(epoch, epochs, data.img_size, args.prog_resize, args.prog_resize_until)
+        selected = prune.select(epoch, epochs) if prune is not None else None
         if prune is not None:
-            selected = prune.select(epoch, epochs)
             data.train_loader.set_subset(selected)
-        stats = train_one_epoch(
-            train_model, data.train_loader, optimizer, sched, criterion, scaler, prec, epoch,
-            mix=None if args.mix_off_epoch and epoch + 1 >= args.mix_off_epoch else mix,  # epochs count from 1
-            attack=attack, attack_loss=attack_loss,
-            awp=awp if awp is not None and epoch >= args.awp_start_epoch else None,
-            ema=ema, unwrapped=model, step_sched=not swa_on, clip_grad=args.clip_grad,
-            teacher=teacher, progress=progress, lookahead=lookahead, side=side if args.prog_resize else None,
-            prune=prune, sched_steps=steps_per_epoch)
-        train_seconds += stats["epoch_seconds"]
+        epoch_tricks = dataclasses.replace(
+            tricks, side=side if args.prog_resize else None,
+            mix=None if args.mix_off_epoch and epoch + 1 >= args.mix_off_epoch else tricks.mix,  # epochs from 1
+            awp=tricks.awp if epoch >= args.awp_start_epoch else None)
+        stats = train_one_epoch(train_model, data.train_loader, optimizer, None if swa_on else sched, criterion,
+                                scaler, prec, epoch, epoch_tricks, progress=progress)
+        run.train_seconds += stats["epoch_seconds"]
         if prune is not None:
             prune.end_epoch()  # a collective under torchrun: every rank gets every rank's new scores
         if dist.enabled:  # without --sync_bn each rank's BatchNorm statistics saw only its shard: evaluate and
@@ -441,21 +319,17 @@ def main(args, build_loss=None):
         if prune is not None:
             row["train_samples"] = len(selected) if selected is not None else len(data.train_labels)
         if budget is not None:
-            done_cost = resize_cost(epoch + 1, epochs) * len(data.train_loader) / steps_per_epoch
-            planned = budget.plan(epoch + 1, done_cost, cost)
-            if epoch + 1 == epochs:  # the plan's last epoch: its schedule has annealed, so a late speed-up
-                planned = epochs     # must not add epochs at lr ~0
-            planned = dist_utils.all_gather_object(planned)[0]  # every rank follows rank 0
+            planned = replan(budget, epoch, epochs, resize_cost(epoch + 1, epochs) * len(data.train_loader)
+                             / steps_per_epoch, cost, args.time_budget)
             if planned != epochs:
-                log.info(f"time budget {args.time_budget:g} min: {budget.elapsed() / 60:.1f} min used, "
-                         f"{'re-' if epoch else ''}planned {planned} epochs (was {epochs})")
-                sched = replan_schedule(sched, optimizer, args, steps_per_epoch, planned)
+                sched = stateful["scheduler"] = replan_schedule(sched, optimizer, options(ScheduleOptions, args),
+                                                                steps_per_epoch, planned)
                 epochs = planned
         last = epoch + 1 == epochs
         if last or (epoch + 1) % args.eval_interval == 0:
             eval_start = time.perf_counter()
             report = last and not dist.enabled  # per-sample outputs for eval_report.md
-            val = evaluate(model, data.val_loader, prec, collect=report, **tta_kwargs(args), **adv_eval)
+            val = evaluate(model, data.val_loader, prec, collect=report, robust=robust, **tta_kwargs(args))
             row.update(val_loss=val["loss"], val_acc=val["acc"], val_acc5=val["acc5"])
             if "robust_acc" in val:
                 row["robust_val_acc"] = val["robust_acc"]
@@ -468,29 +342,11 @@ def main(args, build_loss=None):
             sched.step_epoch(row.get("val_acc"))  # only plateau acts on it (check_args: evaluated every epoch)
         else:
             swa.step_epoch(model, epoch)
-        history.append(row)
+        run.history.append(row)
+        run.planned_epochs = epochs if budget is not None else None
         log_epoch(tb, row, epoch + 1)
         log.info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        # a collective: every rank, outside the rank-0 block
-        rng = dist_utils.all_gather_object(get_rng_state(prec.device))
-        if dist.is_main:
-            best = "val_acc" in row and row["val_acc"] > best_acc
-            best_acc = max(best_acc, row.get("val_acc", 0.0))
-            ckpt = {"model": model.state_dict(), "model_config": mcfg, "class_names": data.class_names,
-                    "args": vars(args), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "swa": swa.state_dict() if swa is not None else None, "epoch": epoch + 1,
-                    "lookahead": lookahead.state_dict() if lookahead is not None else None,
-                    "infobatch": prune.state_dict() if prune is not None else None,
-                    "rng": rng[0], "rng_ranks": rng if dist.enabled else None, "best_val_acc": best_acc,
-                    "metrics": {"history": history, "train_seconds": train_seconds,
-                                "planned_epochs": epochs if budget is not None else None,
-                                "wall_seconds": budget.elapsed() if budget is not None else None}}
-            save_checkpoint(ckpt, os.path.join(args.output_dir, "last.pt"))
-            if best:
-                save_checkpoint(ckpt, os.path.join(args.output_dir, "best.pt"))
-            write_metrics_csv(os.path.join(args.output_dir, "metrics.csv"), history)
-            plot_curves(os.path.join(args.output_dir, "curves.png"), history)
+        save_run(args, dist, prec, model, mcfg, data.class_names, stateful, run, budget)
 
     # ---- end of training: evaluation report, SWA batch-norm update, test split, summary ----------
     if prune is not None:
@@ -502,32 +358,79 @@ def main(args, build_loss=None):
         tb.close()
     if budget is not None:
         extra_summary.update(time_budget_minutes=args.time_budget, planned_epochs=epochs)
-    summary = summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_acc, train_seconds,
-                            {"params": params, "flops": flops, **extra_summary})
+    summary = summarize_run(args, data, prec, dist, model, ema, swa, mcfg, run, {**size, **extra_summary})
     dist_utils.cleanup()
     return summary
 
 
-def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, lookahead=None, prune=None):
-    """--resume: load every piece of state back; returns (start_epoch, best_acc, history, metrics dict)."""
+@dataclasses.dataclass
+class RunState:
+    """What the loop carries from epoch to epoch, and a checkpoint carries across a resume."""
+    epoch: int = 0  # epochs done
+    best_acc: float = 0.0
+    history: list = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+    planned_epochs: int | None = None  # under --time_budget
+    wall_seconds: float | None = None
+
+
+def make_budget(args, data, started, run, with_ema):
+    """--time_budget: a TimeBudget that re-plans the epoch count after every epoch (None when off)."""
+    if not args.time_budget:
+        return None
+    views = len(tta_views(torch.zeros(1, 1, 1, 1), args.tta, args.tta_shift))
+    return TimeBudget(args.time_budget, args.epochs, args.eval_interval,
+                      eval_share(len(data.val_loader), len(data.train_loader), views, with_ema),
+                      start=started, prior_s=run.wall_seconds or run.train_seconds,
+                      extra_evals=int(data.test_loader is not None))
+
+
+def replan(budget, epoch, epochs, done_cost, cost, minutes):
+    """The epoch count the budget allows after `epoch` (0-based) finished, the same on every rank."""
+    planned = budget.plan(epoch + 1, done_cost, cost)
+    if epoch + 1 == epochs:  # the plan's last epoch: its schedule has annealed, so a late speed-up
+        planned = epochs     # must not add epochs at lr ~0
+    planned = dist_utils.all_gather_object(planned)[0]  # every rank follows rank 0
+    if planned != epochs:
+        log.info(f"time budget {minutes:g} min: {budget.elapsed() / 60:.1f} min used, "
+                 f"{'re-' if epoch else ''}planned {planned} epochs (was {epochs})")
+    return planned
+
+
+def save_run(args, dist, prec, model, mcfg, class_names, stateful, run, budget):
+    """End of an epoch: last.pt (and best.pt when the validation accuracy improved), metrics.csv, curves.png."""
+    row = run.history[-1]
+    rng = dist_utils.all_gather_object(get_rng_state(prec.device))  # a collective: every rank, before the rank-0 block
+    if not dist.is_main:
+        return
+    best = "val_acc" in row and row["val_acc"] > run.best_acc
+    run.best_acc = max(run.best_acc, row.get("val_acc", 0.0))
+    ckpt = {"model": model.state_dict(), "model_config": mcfg, "class_names": class_names, "args": vars(args),
+            **save_states(stateful), "epoch": row["epoch"], "rng": rng[0], "rng_ranks": rng if dist.enabled else None,
+            "best_val_acc": run.best_acc,
+            "metrics": {"history": run.history, "train_seconds": run.train_seconds,
+                        "planned_epochs": run.planned_epochs,
+                        "wall_seconds": budget.elapsed() if budget is not None else None}}
+    save_checkpoint(ckpt, os.path.join(args.output_dir, "last.pt"))
+    if best:
+        save_checkpoint(ckpt, os.path.join(args.output_dir, "best.pt"))
+    write_metrics_csv(os.path.join(args.output_dir, "metrics.csv"), run.history)
+    plot_curves(os.path.join(args.output_dir, "curves.png"), run.history)
+
+
+def restore_run(path, mcfg, model, stateful, dist):
+    """--resume: load the weights and every stateful part back; returns the RunState to continue from."""
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("model_config"), dict) or not isinstance(ckpt.get("metrics"), dict) \
+            or "epoch" not in ckpt:
+        raise UserError(f"{path} is not a train.py last.pt (it lacks model_config, epoch or metrics); evaluate a "
+                        f"finished model with --eval_only --ckpt {path}, or start a new run")
     if ckpt["model_config"] != mcfg:
-        raise UserError(f"{path} was trained with model settings {ckpt['model_config']['name']}/"
-                        f"{ckpt['model_config']['num_classes']} classes that differ from these flags; "
+        raise UserError(f"{path} was trained with model settings {ckpt['model_config'].get('name')}/"
+                        f"{ckpt['model_config'].get('num_classes')} classes that differ from these flags; "
                         f"resume with the run's own config.yaml (--config) or start a new run")
     load_state(model, ckpt["model"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):  # a run without fp16 saved a disabled scaler's empty state
-        scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("ema"):
-        ema.load_state_dict(ckpt["ema"])
-    if swa is not None and ckpt.get("swa"):
-        swa.load_state_dict(ckpt["swa"])
-    if lookahead is not None and ckpt.get("lookahead"):
-        lookahead.load_state_dict(ckpt["lookahead"])
-    if prune is not None and ckpt.get("infobatch"):
-        prune.load_state_dict(ckpt["infobatch"])
+    load_states(stateful, ckpt, path)
     rng = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if len(rng) == dist.world_size:
         # each rank continues its own augmentation stream
@@ -536,18 +439,23 @@ def restore_run(path, mcfg, model, optimizer, sched, scaler, ema, swa, dist, loo
         log.warning(f"{path} was saved by {len(rng)} process(es), this run has {dist.world_size}: "
                     f"random augmentation streams restart from --seed")
     log.info(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"], ckpt["best_val_acc"], ckpt["metrics"]["history"], ckpt["metrics"]
+    m = ckpt["metrics"]
+    return RunState(epoch=ckpt["epoch"], best_acc=ckpt["best_val_acc"], history=m["history"],
+                    train_seconds=m.get("train_seconds", 0.0), planned_epochs=m.get("planned_epochs"),
+                    wall_seconds=m.get("wall_seconds"))
 
 
-def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, history, best_acc, train_seconds, extra):
+def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, run, extra):
     """summary.json: final/best accuracy, the averaged models (EMA, SWA) and the test split when separate."""
+    history, best_acc, train_seconds = run.history, run.best_acc, run.train_seconds
     final = history[-1]
     summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name,
                "epochs": len(history), "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
                "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
                "images_per_second": sum(r["images_per_second"] for r in history) / len(history), **extra}
     if ema is not None:
-        summary.update(final_val_acc_ema=final["val_acc_ema"], best_val_acc_ema=max(r["val_acc_ema"] for r in history if "val_acc_ema" in r))
+        summary.update(final_val_acc_ema=final["val_acc_ema"],
+                       best_val_acc_ema=max(r["val_acc_ema"] for r in history if "val_acc_ema" in r))
     if "robust_val_acc" in final:
         summary["robust_val_acc"] = final["robust_val_acc"]
     if swa is not None:
@@ -588,8 +496,9 @@ def eval_only(args, data, prec, dist):
         raise UserError(f"{args.ckpt[0]} predicts {ckpt['model_config']['num_classes']} classes but the data has "
                         f"{data.num_classes}; evaluate it on the dataset it was trained on")
     model.to(prec.device)
-    adv = dict(adv_eps=args.adv_eps, adv_steps=args.eval_adv_steps) if args.eval_adv == "pgd" else {}
-    res = evaluate(model, data.val_loader, prec, collect=not dist.enabled, **tta_kwargs(args), **adv)
+    robust = functools.partial(pgd, **pgd_eval_defaults(args.adv_eps, args.eval_adv_steps)) \
+        if args.eval_adv == "pgd" else None
+    res = evaluate(model, data.val_loader, prec, collect=not dist.enabled, robust=robust, **tta_kwargs(args))
     summary = {"ckpt": name, "val_split": data.val_name, "val_acc": res["acc"], "val_acc5": res["acc5"],
                "val_loss": res["loss"], **({"robust_val_acc": res["robust_acc"]} if "robust_acc" in res else {})}
     if data.test_loader is not None:
@@ -603,5 +512,63 @@ def eval_only(args, data, prec, dist):
     return summary
 
 
+def run_ensemble(args, prec, started, evaluate):
+    """--ensemble N: train N seeds at once (`script` run once per member, sharing the threads), then evaluate the
+    mean of their softmax outputs with `evaluate(model, loader)` (train.py's, with the run's TTA). Members live in
+    <output_dir>/member<i>/ with train.py's usual files; the parent writes config.yaml and summary.json."""
+    config.save_config(args, os.path.join(args.output_dir, "config.yaml"))  # the children's flags, and a rerun's
+    threads = member_threads(args.threads or torch.get_num_threads(), args.ensemble)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    dirs = train_members(os.path.abspath(__file__), os.path.join(args.output_dir, "config.yaml"), args.output_dir,
+                         args.ensemble, args.seed, data_seed, threads, log, args.overwrite)
+    data = build_data(data_options(args), device=prec.device)
+    members = []
+    for d in dirs:
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        members.append({k: s[k] for k in ("final_val_acc", "test_acc", "epochs", "train_seconds") if k in s})
+    summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name, "ensemble": args.ensemble,
+               "members": members}
+    for use_ema in (False, True) if args.ema else (False,):
+        model, _ = load_ensemble([os.path.join(d, "last.pt") for d in dirs], use_ema=use_ema)
+        model.to(prec.device)
+        tag = "_ema" if use_ema else ""
+        summary["final_val_acc" + tag] = evaluate(model, data.val_loader)["acc"]
+        if data.test_loader is not None:
+            summary["test_acc" + tag] = evaluate(model, data.test_loader)["acc"]
+        elif data.val_name == "test":
+            summary["test_acc" + tag] = summary["final_val_acc" + tag]
+    summary["train_seconds"] = max(m.get("train_seconds", 0.0) for m in members)  # they train side by side
+    summary["wall_seconds"] = time.perf_counter() - started
+    write_json(os.path.join(args.output_dir, "summary.json"), summary)
+    log.info(f"done: ensemble of {args.ensemble}: {data.val_name} acc {summary['final_val_acc']:.4f} (members "
+             + ", ".join(f"{m['final_val_acc']:.4f}" for m in members)
+             + f"), {summary['wall_seconds'] / 60:.1f} min wall -> {args.output_dir}")
+    return summary
+
+
+def run(args, build_loss=None, script="train.py"):
+    """main() for the command line: an interrupted run (Ctrl-C, SIGTERM) says what it kept and how to go on."""
+    try:
+        return main(args, build_loss)
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, resume_hint(args, script)) from None
+
+
+def resume_hint(args, script):
+    """Where an interrupted run stands: its last complete checkpoint and the command that continues it."""
+    last = os.path.join(args.output_dir, "last.pt") if args.output_dir else None
+    if args.eval_only or args.plot_lr or args.preview_aug or not (last and os.path.isfile(last)):
+        return "no epoch had finished, so nothing was kept; rerun the command"
+    try:
+        epoch = load_checkpoint(last)["epoch"]
+    except (UserError, KeyError):
+        return f"{last} is unreadable; rerun the command"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = f"torchrun --nproc_per_node {world} {script}" if world > 1 else f"python {script}"
+    return f"{last} holds epoch {epoch}, complete; continue with: {launch} --resume {last}"
+
+
 if __name__ == "__main__":
-    run_cli(lambda: main(config.parse_args()))
+    run_cli(lambda: run(config.parse_args()))

@@ -12,9 +12,9 @@ import torch
 import config
 import train
 from datasets import inverse_frequency_weights
-from utils.checkpoint import load_model
+from engine.checkpoint import load_model
+from tricks.kd import DistillationLoss
 from utils.errors import UserError, run_cli
-from utils.kd import DistillationLoss
 from utils.misc import resize_square
 
 log = logging.getLogger("train")
@@ -75,4 +75,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(config.parse_args(parser=get_parser())))
+    run_cli(lambda: train.run(config.parse_args(parser=get_parser()), build_teacher_loss, "train_distill.py"))

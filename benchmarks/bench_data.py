@@ -7,7 +7,6 @@ the data share is data / (data + step) per batch (target <= 5% on the fast path)
     python benchmarks/bench_data.py --quick      # smoke run, seconds
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -19,16 +18,18 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import config  # noqa: E402
 from timing import time_alternately  # noqa: E402  (benchmarks/timing.py, next to this script)
+
+import config  # noqa: E402
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
 from datasets.loader import InMemoryLoader, make_file_loader  # noqa: E402
 from datasets.transforms import build_batch_augment, build_train_transform, seed_worker  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.precision import make_precision  # noqa: E402
+from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
-from utils.misc import make_precision  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
-from utils.scheduler import build_scheduler  # noqa: E402
+from reporting.environment import describe, environment, write_json  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 
@@ -84,6 +85,8 @@ def main():
     if b.quick:
         b.batches, b.steps, b.rounds = 4, 2, 2
     workers = [int(w) for w in b.workers.split(",")]
+    env = environment()
+    print(describe(env))
     torch.manual_seed(0)
 
     aug = ["--crop_padding", str(b.crop_padding), "--hflip", str(b.hflip)]
@@ -146,9 +149,7 @@ def main():
           f"{b.batch_size / step_s:.0f} img/s")
     print(f"fast path data share: {100 * fast['data_share']:.1f}% "
           f"(target <= 5%: {'met' if result['target_met'] else 'NOT met'})")
-    os.makedirs(os.path.dirname(b.out) or ".", exist_ok=True)
-    with open(b.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(b.out, result, env)
 
 
 if __name__ == "__main__":

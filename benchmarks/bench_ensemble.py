@@ -27,10 +27,10 @@ def worker(b):
     import config
     import train
     from datasets import build_data
+    from engine.optim import build_optimizer
+    from engine.precision import make_precision
+    from engine.scheduler import build_scheduler
     from models import build_model
-    from utils.misc import make_precision
-    from utils.optim import build_optimizer
-    from utils.scheduler import build_scheduler
 
     torch.set_num_threads(b.threads)
     args = config.parse_args(["--batch_size", str(b.batch_size), "--device", "cpu", "--no_progress",
@@ -44,7 +44,7 @@ def worker(b):
     sched, scaler = build_scheduler(opt, args, len(batches)), prec.scaler()
 
     def run():
-        train.train_one_epoch(m, batches, opt, sched, train.make_criterion(), scaler, prec, 0, unwrapped=m)
+        train.train_one_epoch(m, batches, opt, sched, train.make_criterion(), scaler, prec, 0)
 
     run()  # warm-up: oneDNN primitives, allocator
     open(os.path.join(b.sync, f"ready{b.index}"), "w").close()
@@ -87,6 +87,9 @@ def main():
     b = p.parse_args()
     if b.worker:
         return worker(b)
+    from reporting.environment import describe, environment, write_json
+    env = {**environment(), "threads": b.threads}  # the threads the workers share, not this process's
+    print(describe(env))
     counts = [int(n) for n in b.members.split(",")]
     speeds = {n: [] for n in counts}
     for _ in range(b.rounds):
@@ -104,10 +107,8 @@ def main():
                      "per_process": med / n, "vs_first": med / base, "rounds": speeds[n]})
         print(f"| {n} | {max(1, b.threads // n)} | {med:.0f} | {med / n:.0f} | {med / base:.2f}x | "
               + ", ".join(f"{s:.0f}" for s in speeds[n]) + " |")
-    os.makedirs(os.path.dirname(b.out) or ".", exist_ok=True)
-    with open(b.out, "w") as f:
-        json.dump({"model": b.model, "batch_size": b.batch_size, "amp": b.amp, "threads": b.threads,
-                   "steps": b.steps, "rows": rows}, f, indent=2)
+    write_json(b.out, {"model": b.model, "batch_size": b.batch_size, "amp": b.amp, "threads": b.threads,
+                       "steps": b.steps, "rows": rows}, env)
     print(f"wrote {b.out}")
 
 

@@ -1,11 +1,10 @@
 """Loop efficiency and per-trick overhead: train.py's `train_one_epoch` against a bare PyTorch loop.
 
 Both see the same model, batch and in-memory Fashion-MNIST batches; variants are timed alternately,
-round after round, because these machines are noisy. Prints a table and writes JSON.
+round after round, because these machines are noisy. Prints a table and writes JSON (with the environment).
     python benchmarks/bench_loop.py --model resnet20 --steps 20 --rounds 3 --out bench_out/loop.json
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -15,22 +14,25 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import config  # noqa: E402
 from timing import time_alternately  # noqa: E402  (benchmarks/timing.py, next to this script)
+
+import config  # noqa: E402
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
+from engine.loop import StepTricks  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.precision import make_precision  # noqa: E402
+from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
-from utils.adversarial import build_attack  # noqa: E402
-from utils.awp import AWP  # noqa: E402
-from utils.ema import ModelEMA  # noqa: E402
+from reporting.environment import describe, environment, write_json  # noqa: E402
+from tricks.adversarial import build_attack  # noqa: E402
+from tricks.awp import AWP  # noqa: E402
+from tricks.ema import ModelEMA  # noqa: E402
+from tricks.kd import DistillationLoss  # noqa: E402
+from tricks.lookahead import Lookahead  # noqa: E402
+from tricks.mix import build_mixer  # noqa: E402
+from tricks.prog_resize import check_any_size  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.kd import DistillationLoss  # noqa: E402
-from utils.lookahead import Lookahead  # noqa: E402
-from utils.misc import make_precision  # noqa: E402
-from utils.mix import build_mixer  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
-from utils.prog_resize import check_any_size  # noqa: E402
-from utils.scheduler import build_scheduler  # noqa: E402
 
 
 class FixedBatches:
@@ -85,6 +87,8 @@ def main(argv=None):
     unknown = [t for t in names if t not in TRICKS]
     if unknown:  # before loading any data
         p.error(f"unknown --tricks {', '.join(unknown)}; choose from: {', '.join(TRICKS)}, or none / all")
+    env = environment()
+    print(describe(env))
 
     args = config.parse_args(["--model", b.model, "--batch_size", str(b.batch_size), "--device", "cpu",
                               "--train_subset", str(b.batch_size * b.steps), "--no_progress"])
@@ -103,11 +107,9 @@ def main(argv=None):
     def loop_variant(model_kw=None, **tricks):
         m, opt, sched, scaler = fresh(**(model_kw or {}))
         extra = {k: v(m) if callable(v) and k in ("ema", "awp", "lookahead") else v for k, v in tricks.items()}
-        if "ema" in extra:
-            extra["unwrapped"] = m
         crit = extra.pop("criterion", train.make_criterion())
-        return lambda: train.train_one_epoch(m, batches, opt, sched, crit, scaler, prec, 0,
-                                             attack_loss=train.make_criterion(), **extra)
+        step_tricks = StepTricks(attack_loss=train.make_criterion(), **extra)
+        return lambda: train.train_one_epoch(m, batches, opt, sched, crit, scaler, prec, 0, step_tricks)
 
     def bare_variant():
         m, opt, sched, scaler = fresh()
@@ -174,9 +176,7 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['variant']} | {r['images_per_second']:.0f} | {r['step_ms']:.1f} | {r['ratio_to_train_py']:.2f}x |")
     print(f"\nloop efficiency (train.py / bare): {result['loop_efficiency']:.3f}")
-    os.makedirs(os.path.dirname(b.out) or ".", exist_ok=True)
-    with open(b.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(b.out, result, env)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,13 @@
 
 train.py's `train_one_epoch` on fixed pre-gathered batches (as bench_loop.py); every variant at every --threads
 setting, alternating round by round in one process; compile time reported apart. bf16 paid 2.2x+ on AMX
-Xeons and on an AMD Zen 4 (AVX512-BF16, no AMX) but lost on an AVX512-BF16 Xeon, so the CPU's bf16 flags go in
-the JSON. Quiet 2-core machine: ~5-7 min (~3 of it compiling on a cold Inductor cache, far less warm);
+Xeons and on an AMD Zen 4 (AVX512-BF16, no AMX) but lost on an AVX512-BF16 Xeon, so the CPU's ISA goes in the
+JSON's environment. Quiet 2-core machine: ~5-7 min (~3 of it compiling on a cold Inductor cache, far less warm);
 --quick (resnet8, 2 steps, 1 round): ~1-2 min cold, seconds with --no-compile.
     python benchmarks/bench_precision.py
     python benchmarks/bench_precision.py --quick
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,10 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.precision import bf16_conv_math_active, make_precision, set_fp32_precision  # noqa: E402
+from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
-from utils.misc import bf16_conv_math_active, make_precision, set_fp32_precision  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
-from utils.scheduler import build_scheduler  # noqa: E402
+from reporting.environment import describe, environment, write_json  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 # name -> (amp, channels_last, compile, fp32 conv/matmul math, the train.py flags that select it)
@@ -38,24 +38,6 @@ VARIANTS = {
     "bf16 channels_last": (True, True, False, "ieee", "--amp"),
     "compile fp32 channels_last": (False, True, True, "ieee", "--compile"),
 }
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
-
-
-def cpu_info():
-    """CPU model name and the bf16-relevant flags, as lscpu shows them (read from /proc/cpuinfo)."""
-    flags, name = set(), "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    flags = set(value.split())
-                elif key.strip() == "model name":
-                    name = value.strip()
-    except OSError:
-        pass
-    return {"model_name": name, "flags": {k: k in flags for k in CPU_FLAGS},
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def main():
@@ -73,6 +55,8 @@ def main():
     if b.quick:
         b.models, b.steps, b.rounds = "resnet8", 2, 1
     threads = [int(t) for t in b.threads.split(",")]
+    env = environment()
+    print(describe(env))
     variants = {k: v for k, v in VARIANTS.items() if b.compile or not v[2]}
     if not bf16_conv_math_active():  # --fp32_precision bf16 is refused where it would change nothing
         variants = {k: v for k, v in variants.items() if v[3] != "bf16"}
@@ -96,8 +80,7 @@ def main():
 
         def run():  # the math setting is process-wide: each variant sets its own before it runs
             set_fp32_precision(torch.device("cpu"), math)
-            train.train_one_epoch(step_model, batches, opt, sched, train.make_criterion(), scaler, prec, 0,
-                                  unwrapped=m)
+            train.train_one_epoch(step_model, batches, opt, sched, train.make_criterion(), scaler, prec, 0)
         return run
 
     rows, compile_seconds = [], {}
@@ -144,13 +127,12 @@ def main():
             for m, r in fastest.items() if variants[r["variant"]][2]}
     print("fastest: " + "; ".join(f"{m}: {r['variant']}, threads={r['threads']}, {r['images_per_second']:.0f} img/s "
                                     f"({r['train_py_flags']}{once.get(m, '')})" for m, r in fastest.items()))
-    result = {"cpu": cpu_info(), "torch": torch.__version__, "batch_size": b.batch_size, "steps": b.steps,
-              "rounds": b.rounds, "threads": threads, "rows": rows, "compile_seconds": compile_seconds,
+    result = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch_size": b.batch_size,
+              "steps": b.steps, "rounds": b.rounds, "threads": threads, "rows": rows,
+              "compile_seconds": compile_seconds,
               "fastest": {m: {k: r[k] for k in ("variant", "threads", "images_per_second", "train_py_flags")}
                           for m, r in fastest.items()}}
-    os.makedirs(os.path.dirname(b.out) or ".", exist_ok=True)
-    with open(b.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(b.out, result, env)
 
 
 if __name__ == "__main__":

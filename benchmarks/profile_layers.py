@@ -8,7 +8,6 @@ below the others' is where a faster kernel or a different shape would pay.
     python benchmarks/profile_layers.py --model airnet_m --batch_size 128 --amp
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,11 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.precision import make_precision  # noqa: E402
+from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
+from reporting.environment import describe, environment, write_json  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.misc import make_precision  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
-from utils.scheduler import build_scheduler  # noqa: E402
 
 
 def conv_macs(conv, out_shape):
@@ -92,6 +92,8 @@ def main():
     b = p.parse_args()
     if b.threads:
         torch.set_num_threads(b.threads)
+    env = environment()
+    print(describe(env))
 
     args = config.parse_args(["--model", b.model, "--batch_size", str(b.batch_size), "--device", "cpu",
                               "--train_subset", str(b.batch_size * b.steps), "--no_progress"])
@@ -106,7 +108,7 @@ def main():
     sched, scaler, crit = build_scheduler(opt, args, len(batches)), prec.scaler(), train.make_criterion()
 
     def epoch():
-        train.train_one_epoch(model, batches, opt, sched, crit, scaler, prec, 0, unwrapped=model)
+        train.train_one_epoch(model, batches, opt, sched, crit, scaler, prec, 0)
 
     epoch()  # warm-up: oneDNN primitive caches, allocator
     t0 = time.perf_counter()
@@ -144,12 +146,10 @@ def main():
               f"{rate(r['forward_gmac_per_s'])} | {rate(r['backward_gmac_per_s'])} | {100 * r['share_of_step']:.1f}% |")
     print(f"\nconvolutions: {100 * conv_share:.1f}% of the step (—: no backward timed; a frozen layer has none, and"
           " a first layer's weight gradient falls outside its hooks)")
-    os.makedirs(os.path.dirname(os.path.abspath(b.out)), exist_ok=True)
-    with open(b.out, "w") as f:
-        json.dump({"model": b.model, "batch_size": b.batch_size, "amp": b.amp, "channels_last": b.channels_last,
-                   "threads": torch.get_num_threads(), "steps": steps, "step_ms": 1000 * step_s,
-                   "step_ms_without_hooks": 1000 * plain_s / steps, "conv_share_of_step": conv_share,
-                   "rows": rows}, f, indent=2)
+    write_json(b.out, {"model": b.model, "batch_size": b.batch_size, "amp": b.amp, "channels_last": b.channels_last,
+                       "threads": torch.get_num_threads(), "steps": steps, "step_ms": 1000 * step_s,
+                       "step_ms_without_hooks": 1000 * plain_s / steps, "conv_share_of_step": conv_share,
+                       "rows": rows}, env)
     print(f"-> {b.out}")
 
 

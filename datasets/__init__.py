@@ -1,4 +1,4 @@
-"""Data for training: `build_data(args)` -> `Data` (loaders, class names, pixel mean/std).
+"""Data for training: `build_data(cfg)` -> `Data` (loaders, class names, pixel mean/std).
 
 Fashion-MNIST and CIFAR-10 are held in memory as one uint8 tensor (`InMemoryLoader`); `imagefolder`
 and `csv` datasets decode image files per sample (`make_file_loader`). Every loader yields
@@ -13,11 +13,13 @@ import torch
 from utils.errors import UserError
 from utils.misc import resize_square
 
-from .cifar import CLASS_NAMES as CIFAR10_CLASSES, load_cifar10
-from .fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES, load_fashion_mnist
+from .cifar import CLASS_NAMES as CIFAR10_CLASSES
+from .cifar import load_cifar10
+from .fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
+from .fashion_mnist import load_fashion_mnist
 from .files import ImageFileDataset, load_file_dataset
 from .loader import InMemoryLoader, make_file_loader
-from .split import balanced_weights, carve_validation, class_counts, inverse_frequency_weights, stratified_subset
+from .split import balanced_weights, carve_validation, class_counts, inverse_frequency_weights, stratified_subset  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,56 @@ log = logging.getLogger(__name__)
 IN_MEMORY = {"fashion_mnist": (load_fashion_mnist, FASHION_MNIST_CLASSES, 1, 28),
              "cifar10": (load_cifar10, CIFAR10_CLASSES, 3, 32)}
 DATASETS = (*IN_MEMORY, "imagefolder", "csv")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The data and augmentation flags build_data reads (train.py fills it from the command line:
+    config.options); an argparse.Namespace with these attributes works too."""
+    affine: list[float] | None
+    aug_backend: str
+    auto_augment: str
+    balanced_sampler: bool
+    batch_size: int
+    blur: float
+    color_jitter: list[float] | None
+    crop_padding: int
+    cutmix_alpha: float
+    cutout: list[int] | None
+    data_dir: str
+    data_seed: int | None
+    dataset: str
+    download: bool
+    eval_subset: int
+    fold: int
+    hflip: float
+    hflip_mode: str
+    image_column: str
+    img_size: int | None
+    imgaug_preset: str
+    in_chans: int | None
+    info_csv: str | None
+    kfold: int
+    label_column: str
+    mix_off_epoch: int
+    mix_prob: float
+    mix_switch_prob: float
+    mixup_alpha: float
+    mosaic: float
+    perspective: float
+    random_erasing: float
+    random_resized_crop: float
+    rotate: float
+    seed: int
+    skip_bad_images: bool
+    train_list: str | None
+    train_subset: int
+    val_list: str | None
+    val_ratio: float
+    vflip: float
+    workers: int
+    with_index: bool = False  # batches also carry sample indices (InfoBatch scores them)
+
 FILE_DEFAULT_SIZE, FILE_DEFAULT_CHANS, DEFAULT_VAL_RATIO = 64, 3, 0.2
 
 __all__ = ["Data", "build_data", "class_counts", "balanced_weights", "DATASETS", "InMemoryLoader",
@@ -90,7 +142,7 @@ def _take(split, idx):
     return [items[i] for i in idx], labels[idx]
 
 
-def resolve_splits(splits, class_names, args):
+def resolve_splits(splits, class_names, cfg):
     """Final {"train", "val", "test"} splits and the validation split's name.
 
     --val_ratio / --kfold carve validation from train; the dataset's own held-out split then
@@ -102,8 +154,8 @@ def resolve_splits(splits, class_names, args):
     if len(train[1]) == 0:
         raise UserError("the training split has no images; check the dataset, --train_list and "
                         "--skip_bad_images")
-    seed = args.seed if getattr(args, "data_seed", None) is None else args.data_seed  # splits and subsets
-    carve = carve_validation(train[1], args.val_ratio, args.kfold, args.fold, seed)
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed  # splits and subsets
+    carve = carve_validation(train[1], cfg.val_ratio, cfg.kfold, cfg.fold, seed)
     if carve is None and val is None and test is None:
         log.info("no validation split given: holding out a stratified %d%% of train "
                  "(set --val_ratio, --kfold or --val_list to change)", 100 * DEFAULT_VAL_RATIO)
@@ -118,10 +170,10 @@ def resolve_splits(splits, class_names, args):
         val_name = "val"
     else:
         val, test, val_name = test, None, "test"
-    train = _take(train, stratified_subset(train[1], args.train_subset, seed))
-    val = _take(val, stratified_subset(val[1], args.eval_subset, seed))
+    train = _take(train, stratified_subset(train[1], cfg.train_subset, seed))
+    val = _take(val, stratified_subset(val[1], cfg.eval_subset, seed))
     if test is not None:
-        test = _take(test, stratified_subset(test[1], args.eval_subset, seed))
+        test = _take(test, stratified_subset(test[1], cfg.eval_subset, seed))
     seen = set(np.unique(train[1]).tolist())
     for name, s in (("training", train), ("validation", val), ("test", test)):
         if s is not None and len(s[1]) == 0:
@@ -136,73 +188,73 @@ def resolve_splits(splits, class_names, args):
     return {"train": train, "val": val, "test": test}, val_name
 
 
-def _check_flags(args):
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size} must be at least 1")
-    if args.workers < 0:
-        raise UserError(f"--workers {args.workers} must be 0 (load in the main process) or more")
-    if args.img_size is not None and args.img_size < 1:
-        raise UserError(f"--img_size {args.img_size} must be a positive number of pixels")
-    if args.hflip_mode == "alternate" and args.dataset not in IN_MEMORY:
+def _check_flags(cfg):
+    if cfg.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch_size {cfg.batch_size} must be at least 1")
+    if cfg.workers < 0:
+        raise UserError(f"--workers {cfg.workers} must be 0 (load in the main process) or more")
+    if cfg.img_size is not None and cfg.img_size < 1:
+        raise UserError(f"--img_size {cfg.img_size} must be a positive number of pixels")
+    if cfg.hflip_mode == "alternate" and cfg.dataset not in IN_MEMORY:
         raise UserError(f"--hflip_mode alternate needs an in-memory dataset ({', '.join(IN_MEMORY)}); "
-                        f"use --hflip_mode random with --dataset {args.dataset}")
+                        f"use --hflip_mode random with --dataset {cfg.dataset}")
 
 
-def build_data(args, rank=0, world_size=1, device="cpu"):
+def build_data(cfg, rank=0, world_size=1, device="cpu"):
     """Datasets, splits and loaders for the data flags; `rank`/`world_size` shard them for DDP."""
     from .transforms import build_batch_augment, build_train_transform, seed_worker
 
-    _check_flags(args)
-    if args.dataset in IN_MEMORY:
-        load, class_names, in_chans, img_size = IN_MEMORY[args.dataset]
-        in_chans, img_size = args.in_chans or in_chans, args.img_size or img_size
-        train_x, train_y, test_x, test_y = load(args.data_dir, args.download)
+    _check_flags(cfg)
+    if cfg.dataset in IN_MEMORY:
+        load, class_names, in_chans, img_size = IN_MEMORY[cfg.dataset]
+        in_chans, img_size = cfg.in_chans or in_chans, cfg.img_size or img_size
+        train_x, train_y, test_x, test_y = load(cfg.data_dir, cfg.download)
         splits = {"train": (convert_uint8(train_x, in_chans, img_size), train_y.numpy()),
                   "val": None, "test": (convert_uint8(test_x, in_chans, img_size), test_y.numpy())}
     else:
-        in_chans, img_size = args.in_chans or FILE_DEFAULT_CHANS, args.img_size or FILE_DEFAULT_SIZE
-        splits, class_names, pixel_sums = load_file_dataset(args, in_chans, img_size)
-    splits, val_name = resolve_splits(splits, class_names, args)
+        in_chans, img_size = cfg.in_chans or FILE_DEFAULT_CHANS, cfg.img_size or FILE_DEFAULT_SIZE
+        splits, class_names, pixel_sums = load_file_dataset(cfg, in_chans, img_size)
+    splits, val_name = resolve_splits(splits, class_names, cfg)
     num_classes = len(class_names)
     train_items, train_labels = splits["train"]
     train_labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
-    weights = balanced_weights(train_labels, num_classes) if args.balanced_sampler else None
+    weights = balanced_weights(train_labels, num_classes) if cfg.balanced_sampler else None
 
-    if args.dataset in IN_MEMORY:
+    if cfg.dataset in IN_MEMORY:
         mean, std = uint8_mean_std(train_items)
         train_images = train_items
-        train_loader = InMemoryLoader(train_items, train_labels, args.batch_size, shuffle=True,
-                                      seed=args.seed, drop_last=True,
-                                      batch_aug=build_batch_augment(args, in_chans), rank=rank,
+        train_loader = InMemoryLoader(train_items, train_labels, cfg.batch_size, shuffle=True,
+                                      seed=cfg.seed, drop_last=True,
+                                      batch_aug=build_batch_augment(cfg, in_chans), rank=rank,
                                       world_size=world_size, device=device, sampler_weights=weights,
-                                      alternate_flip=args.hflip_mode == "alternate",
-                                      with_index=getattr(args, "infobatch", 0) > 0)
+                                      alternate_flip=cfg.hflip_mode == "alternate",
+                                      with_index=getattr(cfg, "with_index", False))
 
         def eval_loader(split):
-            return InMemoryLoader(split[0], split[1], args.batch_size, shuffle=False, seed=args.seed,
+            return InMemoryLoader(split[0], split[1], cfg.batch_size, shuffle=False, seed=cfg.seed,
                                   rank=rank, world_size=world_size, device=device)
     else:
         sums = np.stack([pixel_sums[p] for p in train_items]).sum(0)
         mean, std = _mean_std(sums[0], sums[1], len(train_items) * img_size * img_size)
         train_images = None
         train_set = ImageFileDataset(train_items, train_labels.tolist(), in_chans, img_size,
-                                     build_train_transform(args, in_chans))
-        train_loader = make_file_loader(train_set, args.batch_size, shuffle=True, seed=args.seed,
+                                     build_train_transform(cfg, in_chans))
+        train_loader = make_file_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                         drop_last=True, rank=rank, world_size=world_size,
                                         device=device, sampler_weights=weights,
-                                        workers=args.workers, worker_init_fn=seed_worker,
-                                        with_index=getattr(args, "infobatch", 0) > 0)
+                                        workers=cfg.workers, worker_init_fn=seed_worker,
+                                        with_index=getattr(cfg, "with_index", False))
 
         def eval_loader(split):
             return make_file_loader(ImageFileDataset(split[0], split[1], in_chans, img_size),
-                                    args.batch_size, shuffle=False, seed=args.seed, rank=rank,
-                                    world_size=world_size, device=device, workers=args.workers,
+                                    cfg.batch_size, shuffle=False, seed=cfg.seed, rank=rank,
+                                    world_size=world_size, device=device, workers=cfg.workers,
                                     worker_init_fn=seed_worker)
 
     test = splits["test"]
-    log.info("%s: %d train / %d %s%s images, %d classes, %d x %dx%d", args.dataset, len(train_labels),
+    log.info("%s: %d train / %d %s%s images, %d classes, %d x %dx%d", cfg.dataset, len(train_labels),
              len(splits["val"][1]), val_name, f" / {len(test[1])} test" if test else "",
              num_classes, in_chans, img_size, img_size)
     return Data(train_loader=train_loader, val_loader=eval_loader(splits["val"]),

@@ -1,7 +1,8 @@
 """CIFAR-10 (Krizhevsky, 2009): 50k train / 10k test 32x32 RGB images, 10 classes.
 
-Reads torchvision's on-disk format (--data_dir/cifar-10-batches-py, pickled batches, the same
-trust as torchvision places in them); --download fetches it with torchvision.
+Reads torchvision's on-disk format (--data_dir/cifar-10-batches-py, pickled batches); --download fetches it with
+torchvision. The batches are unpickled by a restricted unpickler that admits only what the real files hold
+(dicts, lists, bytes, strings, numbers and numpy arrays), so a crafted batch file cannot run code.
 """
 import logging
 import os
@@ -13,6 +14,23 @@ import torch
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# the globals a genuine CIFAR batch (or numpy's array pickling) refers to; everything else is refused
+_ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                    ("numpy._core.multiarray", "scalar"), ("builtins", "bytes"), ("_codecs", "encode")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def read_batch(f):
+    """One pickled CIFAR batch from an open binary file, without running anything it names."""
+    return _BatchUnpickler(f, encoding="bytes").load()
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                "truck"]
@@ -33,10 +51,10 @@ def _read_batches(folder, names):
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
+                d = read_batch(f)
             images.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(d[b"labels"], dtype=np.int64))
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as e:
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise UserError(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {e}); delete "
                             f"{folder} and pass --download") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))

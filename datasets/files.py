@@ -26,6 +26,11 @@ def load_image(path, in_chans, img_size):
         img = ImageOps.exif_transpose(img)  # a loaded copy, upright as the camera meant it
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # palette transparency must go through RGBA before RGB/L
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit integer) greyscale: PIL's convert("L") clips at 255, so mid-grey would read as
+        # white; scale the full 16-bit range to 8 bits instead
+        wide = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), mode="L")
     img = img.convert("L" if in_chans == 1 else "RGB")
     if img.size != (img_size, img_size):
         img = img.resize((img_size, img_size), Image.BILINEAR)  # PIL antialiases when shrinking
@@ -88,15 +93,20 @@ def check_images(paths, in_chans, img_size, skip_bad, threads=1):
 
 def _scan_classes(root):
     """(paths, class names) of the images in the class sub-folders of `root`, sorted."""
-    paths, names = [], []
+    paths, names, empty = [], [], []
     for cls in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
                       and not d.startswith(".")):
+        found = len(paths)
         for folder, dirs, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
             dirs.sort()
             for f in sorted(files):
                 if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
                     paths.append(os.path.join(folder, f))
                     names.append(cls)
+        if len(paths) == found:
+            empty.append(cls)
+    if empty and paths:
+        log.warning("%s: class folder(s) without images, left out: %s", root, ", ".join(empty))
     return paths, names
 
 
@@ -130,6 +140,9 @@ def _existing(path, data_dir, flag):
 
 def read_info_csv(path, image_column, label_column):
     """{image name: label} from the CSV; labels keep their type (int or str)."""
+    if image_column == label_column:
+        raise UserError(f"--image_column and --label_column are both {image_column!r}; the labels need a column "
+                        f"of their own")
     try:
         df = pd.read_csv(path, dtype={image_column: str})  # keep ids like "007" as written
     except pd.errors.EmptyDataError:
@@ -178,17 +191,17 @@ def _image_path(data_dir, name):
     return path
 
 
-def read_csv_dataset(args):
+def read_csv_dataset(cfg):
     """{"train", "val", "test"} -> (paths, labels) or None, from --info_csv and the lists."""
-    if not args.info_csv:
+    if not cfg.info_csv:
         raise UserError("--dataset csv needs --info_csv FILE (a CSV of image name and label)")
-    info_csv = _existing(args.info_csv, args.data_dir, "--info_csv")
-    mapping = read_info_csv(info_csv, args.image_column, args.label_column)
+    info_csv = _existing(cfg.info_csv, cfg.data_dir, "--info_csv")
+    mapping = read_info_csv(info_csv, cfg.image_column, cfg.label_column)
     lists = {}
-    for name, path, flag in (("train", args.train_list, "--train_list"),
-                             ("val", args.val_list, "--val_list")):
+    for name, path, flag in (("train", cfg.train_list, "--train_list"),
+                             ("val", cfg.val_list, "--val_list")):
         if path:
-            lists[name] = _read_list(path, flag, args.data_dir)
+            lists[name] = _read_list(path, flag, cfg.data_dir)
             unknown = [n for n in lists[name] if n not in mapping]
             if unknown:
                 more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
@@ -202,25 +215,25 @@ def read_csv_dataset(args):
         if overlap:
             log.warning("%d image(s) are in both --train_list and --val_list; validation is optimistic",
                         overlap)
-    return {name: ([_image_path(args.data_dir, n) for n in lists[name]],
+    return {name: ([_image_path(cfg.data_dir, n) for n in lists[name]],
                    [mapping[n] for n in lists[name]]) if name in lists else None
             for name in ("train", "val", "test")}
 
 
-def load_file_dataset(args, in_chans, img_size):
+def load_file_dataset(cfg, in_chans, img_size):
     """Read, check and index a file dataset.
 
     Returns ({"train"|"val"|"test": (paths, int labels) or None}, class names (sorted labels as
     str), {path: int64 (2, C) pixel sums of the decoded image}).
     """
-    if not os.path.isdir(args.data_dir):
-        raise UserError(f"--data_dir {args.data_dir} does not exist; point it at the image folder")
-    splits = read_imagefolder(args.data_dir) if args.dataset == "imagefolder" else read_csv_dataset(args)
+    if not os.path.isdir(cfg.data_dir):
+        raise UserError(f"--data_dir {cfg.data_dir} does not exist; point it at the image folder")
+    splits = read_imagefolder(cfg.data_dir) if cfg.dataset == "imagefolder" else read_csv_dataset(cfg)
     classes = sorted({y for s in splits.values() if s is not None for y in s[1]})
     index = {c: i for i, c in enumerate(classes)}
     paths = [p for s in splits.values() if s is not None for p in s[0]]
-    sums, dropped = check_images(list(dict.fromkeys(paths)), in_chans, img_size, args.skip_bad_images,
-                                 threads=args.workers)
+    sums, dropped = check_images(list(dict.fromkeys(paths)), in_chans, img_size, cfg.skip_bad_images,
+                                 threads=cfg.workers)
     dropped = set(dropped)
     out = {}
     for name, s in splits.items():

@@ -29,83 +29,83 @@ AUTO_AUGMENTS = {"autoaugment": v2.AutoAugment, "randaugment": v2.RandAugment,
 
 # ---------------------------------------------------------------- flags
 
-def validate(args):
-    """Raise UserError for per-sample augmentation flags out of range (utils/mix.py checks the mixing ones)."""
+def validate(cfg):
+    """Raise UserError for per-sample augmentation flags out of range (tricks/mix.py checks the mixing ones)."""
     for name in ("hflip", "vflip", "blur", "perspective", "random_erasing"):
-        p = getattr(args, name)
+        p = getattr(cfg, name)
         if not 0.0 <= p <= 1.0:
             raise UserError(f"--{name} {p} is not a probability; give a value in [0, 1]")
-    if args.hflip_mode == "alternate" and args.hflip != 0.5:
+    if cfg.hflip_mode == "alternate" and cfg.hflip != 0.5:
         raise UserError(f"--hflip_mode alternate flips each image in every other epoch (half of them each "
-                        f"epoch); use it with --hflip 0.5 (got {args.hflip})")
-    if args.rotate < 0:
-        raise UserError(f"--rotate {args.rotate} is negative; give the maximum angle in degrees (>= 0)")
-    if args.crop_padding < 0:
-        raise UserError(f"--crop_padding {args.crop_padding} is negative; give pixels >= 0")
-    if not 0.0 <= args.random_resized_crop <= 1.0:
-        raise UserError(f"--random_resized_crop {args.random_resized_crop} must be the smallest area "
+                        f"epoch); use it with --hflip 0.5 (got {cfg.hflip})")
+    if cfg.rotate < 0:
+        raise UserError(f"--rotate {cfg.rotate} is negative; give the maximum angle in degrees (>= 0)")
+    if cfg.crop_padding < 0:
+        raise UserError(f"--crop_padding {cfg.crop_padding} is negative; give pixels >= 0")
+    if not 0.0 <= cfg.random_resized_crop <= 1.0:
+        raise UserError(f"--random_resized_crop {cfg.random_resized_crop} must be the smallest area "
                         f"fraction, in (0, 1] (0 = off)")
-    if args.color_jitter is not None:
-        b, c, s, h = args.color_jitter
+    if cfg.color_jitter is not None:
+        b, c, s, h = cfg.color_jitter
         if min(b, c, s, h) < 0 or h > 0.5:
             raise UserError(f"--color_jitter {b} {c} {s} {h}: B, C, S must be >= 0 and H in [0, 0.5]")
-    if args.affine is not None:
-        t, s, sh = args.affine
+    if cfg.affine is not None:
+        t, s, sh = cfg.affine
         if not (0 <= t <= 1 and 0 <= s < 1 and sh >= 0):
             raise UserError(f"--affine {t} {s} {sh}: TRANSLATE in [0, 1], SCALE in [0, 1), SHEAR >= 0")
-    if args.cutout is not None and (args.cutout[0] < 1 or args.cutout[1] < 1):
-        raise UserError(f"--cutout {args.cutout[0]} {args.cutout[1]}: N and SIZE must be >= 1")
+    if cfg.cutout is not None and (cfg.cutout[0] < 1 or cfg.cutout[1] < 1):
+        raise UserError(f"--cutout {cfg.cutout[0]} {cfg.cutout[1]}: N and SIZE must be >= 1")
 
 
-def _uses_imgaug(args):
-    return args.aug_backend == "imgaug" or args.imgaug_preset != "none"
+def _uses_imgaug(cfg):
+    return cfg.aug_backend == "imgaug" or cfg.imgaug_preset != "none"
 
 
-def _jitter(args, in_chans):
+def _jitter(cfg, in_chans):
     """(B, C, S, H) for ColorJitter; saturation and hue have no meaning on one channel and are dropped."""
-    if args.color_jitter is None:
+    if cfg.color_jitter is None:
         return None
-    b, c, s, h = args.color_jitter
+    b, c, s, h = cfg.color_jitter
     if in_chans == 1:
         s = h = 0.0
     return (b, c, s, h) if max(b, c, s, h) > 0 else None
 
 
-def describe(args):
+def describe(cfg):
     """One line per enabled augmentation and mixing option, for the run log."""
     on = []
-    if _uses_imgaug(args):
-        on.append(f"backend imgaug (preset {args.imgaug_preset})")
-    if args.random_resized_crop > 0:
-        on.append(f"random_resized_crop scale=({args.random_resized_crop}, 1)")
-    if args.crop_padding > 0:
-        on.append(f"random crop after {args.crop_padding}px zero padding")
+    if _uses_imgaug(cfg):
+        on.append(f"backend imgaug (preset {cfg.imgaug_preset})")
+    if cfg.random_resized_crop > 0:
+        on.append(f"random_resized_crop scale=({cfg.random_resized_crop}, 1)")
+    if cfg.crop_padding > 0:
+        on.append(f"random crop after {cfg.crop_padding}px zero padding")
     for name in ("hflip", "vflip", "blur", "perspective", "random_erasing"):
-        if getattr(args, name) > 0:
-            on.append(f"{name} p={getattr(args, name)}")
-    if args.hflip > 0 and args.hflip_mode == "alternate":
+        if getattr(cfg, name) > 0:
+            on.append(f"{name} p={getattr(cfg, name)}")
+    if cfg.hflip > 0 and cfg.hflip_mode == "alternate":
         on.append("hflip alternating: each image mirrored in every other epoch")
-    if args.rotate > 0:
-        on.append(f"rotate +-{args.rotate} deg")
-    if args.affine is not None:
-        on.append("affine translate={} scale=+-{} shear={} deg".format(*args.affine))
-    if args.auto_augment != "none":
-        on.append(f"auto_augment {args.auto_augment}")
-    if args.color_jitter is not None:
-        on.append("color_jitter B={} C={} S={} H={}".format(*args.color_jitter))
-    if args.cutout is not None:
-        on.append("cutout {} holes of {}px".format(*args.cutout))
-    if args.mixup_alpha > 0:
-        on.append(f"mixup alpha={args.mixup_alpha}")
-    if args.cutmix_alpha > 0:
-        on.append(f"cutmix alpha={args.cutmix_alpha}")
-    if args.mixup_alpha > 0 and args.cutmix_alpha > 0:
-        on.append(f"mixup/cutmix switch p(cutmix)={args.mix_switch_prob}")
-    if args.mosaic > 0:
-        on.append(f"mosaic p={args.mosaic}")
-    if (args.mixup_alpha > 0 or args.cutmix_alpha > 0 or args.mosaic > 0):
-        on.append(f"mix_prob={args.mix_prob}" + (f", off from epoch {args.mix_off_epoch}"
-                                                  if args.mix_off_epoch > 0 else ""))
+    if cfg.rotate > 0:
+        on.append(f"rotate +-{cfg.rotate} deg")
+    if cfg.affine is not None:
+        on.append("affine translate={} scale=+-{} shear={} deg".format(*cfg.affine))
+    if cfg.auto_augment != "none":
+        on.append(f"auto_augment {cfg.auto_augment}")
+    if cfg.color_jitter is not None:
+        on.append("color_jitter B={} C={} S={} H={}".format(*cfg.color_jitter))
+    if cfg.cutout is not None:
+        on.append("cutout {} holes of {}px".format(*cfg.cutout))
+    if cfg.mixup_alpha > 0:
+        on.append(f"mixup alpha={cfg.mixup_alpha}")
+    if cfg.cutmix_alpha > 0:
+        on.append(f"cutmix alpha={cfg.cutmix_alpha}")
+    if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
+        on.append(f"mixup/cutmix switch p(cutmix)={cfg.mix_switch_prob}")
+    if cfg.mosaic > 0:
+        on.append(f"mosaic p={cfg.mosaic}")
+    if (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.mosaic > 0):
+        on.append(f"mix_prob={cfg.mix_prob}" + (f", off from epoch {cfg.mix_off_epoch}"
+                                                  if cfg.mix_off_epoch > 0 else ""))
     return on
 
 
@@ -126,67 +126,67 @@ def _blur_kernel(h, w):
     return max(3, k)
 
 
-def _v2_ops(args, in_chans, h, w):
+def _v2_ops(cfg, in_chans, h, w):
     """The per-sample pipeline for (h, w) images as (name, transform) pairs, in the order they apply."""
     ops = []
-    if args.random_resized_crop > 0:
+    if cfg.random_resized_crop > 0:
         ops.append(("random_resized_crop", v2.RandomResizedCrop(
-            (h, w), scale=(args.random_resized_crop, 1.0), ratio=RRC_RATIO, antialias=True)))
-    if args.crop_padding > 0:
-        ops.append(("crop_padding", v2.RandomCrop((h, w), padding=args.crop_padding)))
-    if args.hflip > 0 and args.hflip_mode == "random":  # alternate: the loader flips
-        ops.append(("hflip", v2.RandomHorizontalFlip(args.hflip)))
-    if args.vflip > 0:
-        ops.append(("vflip", v2.RandomVerticalFlip(args.vflip)))
-    if args.rotate > 0:
-        ops.append(("rotate", v2.RandomRotation(args.rotate, interpolation=BILINEAR)))
-    if args.affine is not None:
-        t, s, sh = args.affine
+            (h, w), scale=(cfg.random_resized_crop, 1.0), ratio=RRC_RATIO, antialias=True)))
+    if cfg.crop_padding > 0:
+        ops.append(("crop_padding", v2.RandomCrop((h, w), padding=cfg.crop_padding)))
+    if cfg.hflip > 0 and cfg.hflip_mode == "random":  # alternate: the loader flips
+        ops.append(("hflip", v2.RandomHorizontalFlip(cfg.hflip)))
+    if cfg.vflip > 0:
+        ops.append(("vflip", v2.RandomVerticalFlip(cfg.vflip)))
+    if cfg.rotate > 0:
+        ops.append(("rotate", v2.RandomRotation(cfg.rotate, interpolation=BILINEAR)))
+    if cfg.affine is not None:
+        t, s, sh = cfg.affine
         ops.append(("affine", v2.RandomAffine(0, translate=(t, t), scale=(1 - s, 1 + s), shear=sh,
                                               interpolation=BILINEAR)))
-    if args.perspective > 0:
-        ops.append(("perspective", v2.RandomPerspective(PERSPECTIVE_DISTORTION, p=args.perspective)))
-    if args.auto_augment != "none":
-        ops.append(("auto_augment", AUTO_AUGMENTS[args.auto_augment]()))
-    jitter = _jitter(args, in_chans)
+    if cfg.perspective > 0:
+        ops.append(("perspective", v2.RandomPerspective(PERSPECTIVE_DISTORTION, p=cfg.perspective)))
+    if cfg.auto_augment != "none":
+        ops.append(("auto_augment", AUTO_AUGMENTS[cfg.auto_augment]()))
+    jitter = _jitter(cfg, in_chans)
     if jitter is not None:
         ops.append(("color_jitter", v2.ColorJitter(*jitter)))
-    if args.blur > 0:
+    if cfg.blur > 0:
         blur = v2.GaussianBlur(_blur_kernel(h, w), sigma=BLUR_SIGMA)
-        ops.append(("blur", v2.RandomApply([blur], p=args.blur)))
-    if args.cutout is not None:
-        ops.append(("cutout", Cutout(*args.cutout)))
-    if args.random_erasing > 0:
-        ops.append(("random_erasing", v2.RandomErasing(args.random_erasing, value=0)))
+        ops.append(("blur", v2.RandomApply([blur], p=cfg.blur)))
+    if cfg.cutout is not None:
+        ops.append(("cutout", Cutout(*cfg.cutout)))
+    if cfg.random_erasing > 0:
+        ops.append(("random_erasing", v2.RandomErasing(cfg.random_erasing, value=0)))
     return ops
 
 
-def _vectorised(args, in_chans):
+def _vectorised(cfg, in_chans):
     """Batched ops with the same parameter distributions as the v2 transforms of the same name."""
-    jitter = _jitter(args, in_chans)
+    jitter = _jitter(cfg, in_chans)
     return {
         "random_resized_crop": lambda x: batch_aug.random_resized_crop(
-            x, scale=(args.random_resized_crop, 1.0), ratio=RRC_RATIO),
-        "crop_padding": lambda x: batch_aug.random_crop_with_padding(x, args.crop_padding),
-        "hflip": lambda x: batch_aug.flip(x, args.hflip, 3),
-        "vflip": lambda x: batch_aug.flip(x, args.vflip, 2),
+            x, scale=(cfg.random_resized_crop, 1.0), ratio=RRC_RATIO),
+        "crop_padding": lambda x: batch_aug.random_crop_with_padding(x, cfg.crop_padding),
+        "hflip": lambda x: batch_aug.flip(x, cfg.hflip, 3),
+        "vflip": lambda x: batch_aug.flip(x, cfg.vflip, 2),
         "color_jitter": lambda x: batch_aug.color_jitter(x, *jitter),
-        "cutout": lambda x: batch_aug.cutout(x, *args.cutout),
-        "random_erasing": lambda x: batch_aug.random_erasing(x, args.random_erasing),
+        "cutout": lambda x: batch_aug.cutout(x, *cfg.cutout),
+        "random_erasing": lambda x: batch_aug.random_erasing(x, cfg.random_erasing),
     }
 
 
 class PerSampleTransform:
     """uint8 CHW -> uint8 CHW through the v2 pipeline, built on first use for each image size."""
 
-    def __init__(self, args, in_chans):
-        self.args, self.in_chans = args, in_chans
+    def __init__(self, cfg, in_chans):
+        self.cfg, self.in_chans = cfg, in_chans
         self._pipelines = {}
 
     def __call__(self, img):
         h, w = img.shape[-2:]
         if (h, w) not in self._pipelines:
-            self._pipelines[(h, w)] = v2.Compose([t for _, t in _v2_ops(self.args, self.in_chans, h, w)])
+            self._pipelines[(h, w)] = v2.Compose([t for _, t in _v2_ops(self.cfg, self.in_chans, h, w)])
         return self._pipelines[(h, w)](img)
 
 
@@ -197,15 +197,15 @@ class BatchAugment:
     transform called on a whole batch draws ONE set of parameters for all of it.
     """
 
-    def __init__(self, args, in_chans):
-        self.args, self.in_chans = args, in_chans
+    def __init__(self, cfg, in_chans):
+        self.cfg, self.in_chans = cfg, in_chans
         self._steps = {}
 
     def steps(self, h, w):
         if (h, w) not in self._steps:
-            fast = _vectorised(self.args, self.in_chans)
+            fast = _vectorised(self.cfg, self.in_chans)
             self._steps[(h, w)] = [(name, fast.get(name) or _per_sample(t))
-                                   for name, t in _v2_ops(self.args, self.in_chans, h, w)]
+                                   for name, t in _v2_ops(self.cfg, self.in_chans, h, w)]
         return self._steps[(h, w)]
 
     def __call__(self, x):
@@ -220,44 +220,44 @@ def _per_sample(t):
 
 # ---------------------------------------------------------------- imgaug backend
 
-def _check_imgaug(args, in_chans):
-    if args.auto_augment not in ("none", "randaugment") or (args.auto_augment != "none" and in_chans != 3):
-        raise UserError(f"--auto_augment {args.auto_augment} on {in_chans}-channel images has no imgaug version "
+def _check_imgaug(cfg, in_chans):
+    if cfg.auto_augment not in ("none", "randaugment") or (cfg.auto_augment != "none" and in_chans != 3):
+        raise UserError(f"--auto_augment {cfg.auto_augment} on {in_chans}-channel images has no imgaug version "
                         f"(imgaug has randaugment for RGB only); use --aug_backend torchvision")
 
 
-def build_imgaug_sequence(args, in_chans, h, w):
+def build_imgaug_sequence(cfg, in_chans, h, w):
     """An iaa.Sequential for (h, w) images from the same flags (imgaug's operators; see the notes inline)."""
     iaa = import_imgaug()
     augs = []
-    if args.imgaug_preset == "seed":
+    if cfg.imgaug_preset == "seed":
         # the original pipeline; MultiplyBrightness needs RGB, on one channel brightness is a plain multiply
         bright = iaa.MultiplyBrightness((0.8, 1.2)) if in_chans == 3 else iaa.Multiply((0.8, 1.2))
         augs += [iaa.Fliplr(0.5), iaa.Flipud(0.5), iaa.GaussianBlur(sigma=(0.0, 1.0)), bright]
-    if args.random_resized_crop > 0:
+    if cfg.random_resized_crop > 0:
         # approximation: crop each side by up to q of the size and resize back, so area >= SCALE_MIN
-        q = (1 - args.random_resized_crop ** 0.5) / 2
+        q = (1 - cfg.random_resized_crop ** 0.5) / 2
         augs.append(iaa.Crop(percent=(0.0, q), keep_size=True))
-    if args.crop_padding > 0:
+    if cfg.crop_padding > 0:
         # an integer shift in [-PX, PX] per axis with zero fill is exactly a random crop after padding
-        p = args.crop_padding
+        p = cfg.crop_padding
         augs.append(iaa.Affine(translate_px={"x": (-p, p), "y": (-p, p)}, order=0, cval=0))
-    if args.hflip > 0 and args.hflip_mode == "random":  # alternate: the loader flips
-        augs.append(iaa.Fliplr(args.hflip))
-    if args.vflip > 0:
-        augs.append(iaa.Flipud(args.vflip))
-    if args.rotate > 0:
-        augs.append(iaa.Affine(rotate=(-args.rotate, args.rotate), order=1, cval=0))
-    if args.affine is not None:
-        t, s, sh = args.affine
+    if cfg.hflip > 0 and cfg.hflip_mode == "random":  # alternate: the loader flips
+        augs.append(iaa.Fliplr(cfg.hflip))
+    if cfg.vflip > 0:
+        augs.append(iaa.Flipud(cfg.vflip))
+    if cfg.rotate > 0:
+        augs.append(iaa.Affine(rotate=(-cfg.rotate, cfg.rotate), order=1, cval=0))
+    if cfg.affine is not None:
+        t, s, sh = cfg.affine
         augs.append(iaa.Affine(translate_percent={"x": (-t, t), "y": (-t, t)}, scale=(1 - s, 1 + s),
                                shear=(-sh, sh), order=1, cval=0))
-    if args.perspective > 0:
-        augs.append(iaa.Sometimes(args.perspective, iaa.PerspectiveTransform(scale=(0.0, 0.1))))
-    if args.auto_augment != "none":
-        _check_imgaug(args, in_chans)
+    if cfg.perspective > 0:
+        augs.append(iaa.Sometimes(cfg.perspective, iaa.PerspectiveTransform(scale=(0.0, 0.1))))
+    if cfg.auto_augment != "none":
+        _check_imgaug(cfg, in_chans)
         augs.append(iaa.RandAugment(n=2, m=9))
-    jitter = _jitter(args, in_chans)
+    jitter = _jitter(cfg, in_chans)
     if jitter is not None:
         b, c, s, hue = jitter
         colour = []
@@ -272,14 +272,14 @@ def build_imgaug_sequence(args, in_chans, h, w):
             # imgaug's hue unit: 255 = a full turn of the colour circle
             colour.append(iaa.AddToHue((-round(255 * hue), round(255 * hue))))
         augs.append(iaa.Sequential(colour, random_order=True))
-    if args.blur > 0:
-        augs.append(iaa.Sometimes(args.blur, iaa.GaussianBlur(sigma=BLUR_SIGMA)))
-    if args.cutout is not None:
-        n, size = args.cutout
+    if cfg.blur > 0:
+        augs.append(iaa.Sometimes(cfg.blur, iaa.GaussianBlur(sigma=BLUR_SIGMA)))
+    if cfg.cutout is not None:
+        n, size = cfg.cutout
         augs.append(iaa.Cutout(nb_iterations=n, size=size / h, squared=True, fill_mode="constant", cval=0))
-    if args.random_erasing > 0:
+    if cfg.random_erasing > 0:
         # approximation of Random Erasing: one rectangle with sides 14%..57% of the image (area ~2%..33%)
-        augs.append(iaa.Sometimes(args.random_erasing, iaa.Cutout(
+        augs.append(iaa.Sometimes(cfg.random_erasing, iaa.Cutout(
             nb_iterations=1, size=(0.14, 0.57), squared=False, fill_mode="constant", cval=0)))
     return iaa.Sequential(augs)
 
@@ -292,17 +292,17 @@ class ImgaugTransform:
     torch seed) and imgaug still draws different parameters for each image of a batch.
     """
 
-    def __init__(self, args, in_chans):
-        self.args, self.in_chans = args, in_chans
+    def __init__(self, cfg, in_chans):
+        self.cfg, self.in_chans = cfg, in_chans
         self._seqs = {}
 
     def __getstate__(self):
         # imgaug objects are rebuilt in each worker: unpickling them would import imgaug before the patch
-        return {"args": self.args, "in_chans": self.in_chans, "_seqs": {}}
+        return {"cfg": self.cfg, "in_chans": self.in_chans, "_seqs": {}}
 
     def _sequence(self, h, w):
         if (h, w) not in self._seqs:
-            seq = build_imgaug_sequence(self.args, self.in_chans, h, w)
+            seq = build_imgaug_sequence(self.cfg, self.in_chans, h, w)
             import imgaug.random as iarandom  # safe now: build_imgaug_sequence ran import_imgaug()
             rng = iarandom.RNG(np.random.Generator(np.random.PCG64(0)))
             for aug in [seq, *seq.get_all_children(flat=True)]:
@@ -325,43 +325,43 @@ class ImgaugTransform:
 
 # ---------------------------------------------------------------- public API
 
-def _any_enabled(args):
-    return bool(args.random_resized_crop > 0 or args.crop_padding > 0 or args.hflip > 0 or args.vflip > 0
-                or args.rotate > 0 or args.affine is not None or args.perspective > 0
-                or args.auto_augment != "none" or args.color_jitter is not None or args.blur > 0
-                or args.cutout is not None or args.random_erasing > 0 or args.imgaug_preset != "none")
+def _any_enabled(cfg):
+    return bool(cfg.random_resized_crop > 0 or cfg.crop_padding > 0 or cfg.hflip > 0 or cfg.vflip > 0
+                or cfg.rotate > 0 or cfg.affine is not None or cfg.perspective > 0
+                or cfg.auto_augment != "none" or cfg.color_jitter is not None or cfg.blur > 0
+                or cfg.cutout is not None or cfg.random_erasing > 0 or cfg.imgaug_preset != "none")
 
 
-def _check_channels(args, in_chans):
-    if in_chans == 1 and args.color_jitter is not None and max(args.color_jitter[2:]) > 0:
+def _check_channels(cfg, in_chans):
+    if in_chans == 1 and cfg.color_jitter is not None and max(cfg.color_jitter[2:]) > 0:
         log.warning("--color_jitter: saturation and hue do not apply to 1-channel images; using B and C only")
 
 
-def build_train_transform(args, in_chans):
+def build_train_transform(cfg, in_chans):
     """Per-sample train transform uint8 CHW -> uint8 CHW (file datasets), or None if nothing is enabled."""
-    validate(args)
-    _check_channels(args, in_chans)
-    if not _any_enabled(args):
+    validate(cfg)
+    _check_channels(cfg, in_chans)
+    if not _any_enabled(cfg):
         return None
-    if _uses_imgaug(args):
-        _check_imgaug(args, in_chans)
-        return ImgaugTransform(args, in_chans)
-    return PerSampleTransform(args, in_chans)
+    if _uses_imgaug(cfg):
+        _check_imgaug(cfg, in_chans)
+        return ImgaugTransform(cfg, in_chans)
+    return PerSampleTransform(cfg, in_chans)
 
 
-def build_batch_augment(args, in_chans):
+def build_batch_augment(cfg, in_chans):
     """Batch augment uint8 NCHW -> uint8 NCHW (in-memory datasets), or None if nothing is enabled.
 
     Draws from torch's global CPU generator only, so restoring that state resumes exactly.
     """
-    validate(args)
-    _check_channels(args, in_chans)
-    if not _any_enabled(args):
+    validate(cfg)
+    _check_channels(cfg, in_chans)
+    if not _any_enabled(cfg):
         return None
-    if _uses_imgaug(args):
-        _check_imgaug(args, in_chans)
-        return ImgaugTransform(args, in_chans)
-    return BatchAugment(args, in_chans)
+    if _uses_imgaug(cfg):
+        _check_imgaug(cfg, in_chans)
+        return ImgaugTransform(cfg, in_chans)
+    return BatchAugment(cfg, in_chans)
 
 
 def seed_worker(worker_id):

@@ -14,8 +14,17 @@ from models.eca import ECA
 from models.mlp import mlp_student, mlp_teacher
 from models.mobilenet import mobilenetv2
 from models.repvgg import REPVGG_MODELS
-from models.resnet_cifar import (fastresnet8, fastresnet14, fastresnet20, resnet8, resnet20, resnet32, resnet44,
-                                  resnet56, resnet110)
+from models.resnet_cifar import (
+    fastresnet8,
+    fastresnet14,
+    fastresnet20,
+    resnet8,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+    resnet110,
+)
 from models.resnet_tv import resnet18, resnet34, resnet50
 from models.se import SqueezeExcite
 from models.vgg import vgg_plain
@@ -116,7 +125,7 @@ def model_from_config(cfg):
                         cfg["std"], attention=cfg.get("attention", "none"),
                         drop_path_rate=cfg.get("drop_path_rate", 0.0), acb=cfg.get("acb", False))
     if cfg.get("reparameterized"):
-        from utils.reparam import reparameterize_model  # imported here: only deploy checkpoints need it
+        from models.reparam import reparameterize_model  # imported here: only deploy checkpoints need it
         model = reparameterize_model(model)
     return model
 

@@ -9,8 +9,8 @@ import logging
 import torch
 import torch.nn as nn
 
+from models.reparam import fuse_conv_bn, fused_conv, sum_branches
 from utils.errors import UserError
-from utils.reparam import fuse_conv_bn, fused_conv, sum_branches
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ class DropPath(nn.Module):
 
 def linear_drop_path_rates(drop_path_rate, num_blocks):
     """Linear decay rule of the paper: block l of L (1-indexed, input to output) gets R * l / L."""
-    return [drop_path_rate * l / num_blocks for l in range(1, num_blocks + 1)]
+    return [drop_path_rate * k / num_blocks for k in range(1, num_blocks + 1)]
 
 
 def drop_path_or_identity(p):

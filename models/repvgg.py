@@ -7,8 +7,8 @@ stage downsamples only while its output stays >= 4 px (stem stride 1 below 64 px
 import torch
 import torch.nn as nn
 
+from models.reparam import fuse_conv_bn, fused_conv, identity_kernel, sum_branches
 from utils.errors import UserError
-from utils.reparam import fuse_conv_bn, fused_conv, identity_kernel, sum_branches
 
 
 class RepVGGBlock(nn.Module):

@@ -1,5 +1,5 @@
 """Test helper: one process of a 2-process gloo group (torch.multiprocessing.spawn) that runs
-utils.distributed's helpers on rank-specific tensors and saves what it saw, for
+engine.distributed's helpers on rank-specific tensors and saves what it saw, for
 tests/test_distributed.py to assert on.
 """
 import os
@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import distributed as dist_utils  # noqa: E402
+from engine import distributed as dist_utils  # noqa: E402
 
 
 def small_model(seed):

@@ -1,6 +1,7 @@
 """ablate.py: the table's means, sample stds (ddof=1), paired Δ and 95% t intervals against a hand computation,
 on fabricated summary.json files and on real runs; a rerun redoes only the run whose summary is missing; a bad
-spec is refused (exit 2) before any run starts; configs/ablation_fmnist.yaml names every trick and validates."""
+spec is refused (exit 2) before any run starts; configs/ablation_fmnist.yaml names every trick and validates;
+ablation.json and ablation.csv carry the environment, and each CSV row the environment its run was launched in."""
 import json
 import math
 import os
@@ -8,12 +9,14 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from conftest import ROOT, needs_fmnist, run_script
 from scipy.stats import t as student_t
 
 import ablate
 import config
-from conftest import ROOT, needs_fmnist, run_script
+from reporting.environment import env_key, environment, read_csv, write_csv
 from utils.errors import UserError
 
 T_975_DF1, T_975_DF2 = 12.706204736174707, 4.302652729911275  # Student t quantiles from a table
@@ -45,6 +48,19 @@ def _fmt_acc(mean, std):
 
 def _fmt_delta(mean, half):
     return f"{100 * mean:+.2f} ± {100 * half:.2f}"
+
+
+def _results(out):
+    """ablation.json's results, after checking its environment header."""
+    doc = json.loads((out / "ablation.json").read_text())
+    assert list(doc) == ["environment", "results"] and doc["environment"]["torch"] == torch.__version__
+    return doc["results"]
+
+
+def _runs_csv(out):
+    """ablation.csv's environment header and {(variant, seed): row}."""
+    env, rows = read_csv(out / "ablation.csv")
+    return env, {(r["variant"], int(r["seed"])): r for r in rows}
 
 
 # ---------------------------------------------------------------- maths on fabricated summaries
@@ -84,7 +100,7 @@ def test_table_from_fabricated_summaries(tmp_path):
                                                 {"name": "ema", "flags": {"ema": True}, "metric": "test_acc_ema"}])
     rc = ablate.main([spec, "--out", str(out)])
     assert rc == 1  # the missing EMA seed counts as a failed run
-    res = json.loads((out / "ablation.json").read_text())
+    res = _results(out)
     md = (out / "ablation.md").read_text()
     assert (out / "ablation.png").stat().st_size > 1000
     rows = {r["name"]: r for r in res["variants"]}
@@ -103,11 +119,20 @@ def test_table_from_fabricated_summaries(tmp_path):
     assert rows["baseline"]["train_seconds"] == pytest.approx(11.0)
     assert _row(md, "crop")[4] == "13.5" and _row(md, "ema")[4] == "21.0"  # mean over the finished seeds
     assert _row(md, "ema")[5] == "test_acc_ema" and _row(md, "baseline")[3] == "(reference)"
+    # ablation.csv: one row per finished run; none was launched by ablate.py, so none names an environment
+    env, runs = _runs_csv(out)
+    assert env["torch"] == torch.__version__ and env["threads"] == len(os.sched_getaffinity(0))  # cores // jobs
+    assert {k: float(r["value"]) for k, r in runs.items()} == {(n, s): x for n, v in accs.items() for s, x in v.items()}
+    assert runs["ema", 0]["metric"] == "test_acc_ema" and float(runs["crop", 1]["train_seconds"]) == 13.5
+    assert {r["env"] for r in runs.values()} == {""}
 
     # cumulative: a second column pairs each row with the one before it
+    write_csv(out / "ablation.csv", list(runs.values()), {**env, "cpu_model": "First CPU"})  # the first writer
     spec_c = _write_spec(tmp_path / "spec_c.yaml", [{"name": "baseline"}, {"name": "crop"}], cumulative=True)
     rc = ablate.main([spec_c, "--out", str(out)])
-    res = json.loads((out / "ablation.json").read_text())
+    res = _results(out)
+    # the CSV keeps its first writer's header and the rows of the variants this call did not plan (ema)
+    assert _runs_csv(out) == ({**env, "cpu_model": "First CPU"}, runs)
     _, _, dm, half = _hand(accs["crop"], accs["baseline"])
     assert rc == 0 and res["variants"][1]["delta_prev"] == pytest.approx(dm, abs=1e-12)
     assert _row((out / "ablation.md").read_text(), "crop")[4] == _fmt_delta(dm, half)
@@ -119,8 +144,8 @@ def test_flags_become_train_py_tokens_and_resolve_like_train_py(tmp_path):
     parser = config.get_parser()
     flags = {"ema": True, "acb": False, "amp": False, "cutout": [1, 8], "lr": "1e-3", "color_jitter": None}
     tokens, rest = ablate.cli_tokens(parser, flags)
-    assert tokens == ["--ema", "--no-amp", "--cutout", "1", "8", "--lr", "1e-3"]
-    assert rest == {"acb": False, "color_jitter": None}  # a command line cannot say these
+    assert tokens == ["--ema", "--no_acb", "--no_amp", "--cutout", "1", "8", "--lr", "1e-3"]
+    assert rest == {"color_jitter": None}  # a command line cannot say null
     base = {"acb": True, "color_jitter": [0.1, 0.1, 0, 0], "epochs": 2}
     ns = ablate.resolve(base, rest, [*tokens, "--seed", "3"], "test")
     cfg = tmp_path / "c.yaml"
@@ -198,7 +223,7 @@ def test_fmnist_spec_covers_every_trick_and_validates(tmp_path):
     variants, runs = ablate.plan(spec, str(tmp_path / "o"), ablate.seed_list(spec["seeds"]), 2)  # resolves every run
     assert len(runs) == 3 * len(variants) and variants[0]["flags"] == {} and not spec["cumulative"]
     flags = [v["flags"] for v in variants]
-    want = [{"warmup_epochs": 0}, {"label_smoothing": 0.1}, {"no_bias_decay": True}, {"zero_init_residual": True},
+    want = [{"warmup_epochs": 0}, {"label_smoothing": 0.1}, {"bias_decay": False}, {"zero_init_residual": True},
             {"init": "lsuv"}, {"init": "kaiming_normal", "init_mode": "fan_out"}, {"scheduler": "onecycle"},
             {"ema": True}, {"swa": True}, {"crop_padding": 2, "hflip": 0.5}, {"random_erasing": 0.25},
             {"init": "xavier_uniform"}, {"init": "orthogonal"}, {"scheduler": "multistep"}, {"rotate": 10},
@@ -219,7 +244,7 @@ def test_fmnist_spec_covers_every_trick_and_validates(tmp_path):
 # ---------------------------------------------------------------- real runs
 
 TINY = {"train_subset": 128, "eval_subset": 64, "epochs": 1, "model": "mlp_student", "batch_size": 64,
-        "amp": False, "warmup_epochs": 0, "device": "cpu", "no_progress": True}
+        "amp": False, "warmup_epochs": 0, "device": "cpu", "progress": False}
 
 
 @needs_fmnist
@@ -237,7 +262,7 @@ def test_real_runs_table_rerun_and_failure(tmp_path):
     assert cfg["threads"] == 1  # 2 jobs on 2 cores
     base = {s: summaries["baseline", s]["test_acc"] for s in (0, 1)}
     var = {s: summaries["lr_0_05", s]["test_acc"] for s in (0, 1)}
-    res = json.loads((out / "ablation.json").read_text())
+    res = _results(out)
     md = (out / "ablation.md").read_text()
     assert md in r.stdout  # the table is printed too
     b_mean, b_std, _, _ = _hand(base, base)
@@ -251,10 +276,24 @@ def test_real_runs_table_rerun_and_failure(tmp_path):
     assert _row(md, "+ lr 0.05")[2:4] == [_fmt_acc(mean, std), _fmt_delta(dm, half)]
     secs = np.mean([summaries["lr_0_05", s]["train_seconds"] for s in (0, 1)])
     assert rows[1]["train_seconds"] == pytest.approx(secs, abs=1e-9)
+    # ablation.csv: every run, launched here, in this environment; the header gives each training's threads
+    env, runs = _runs_csv(out)
+    here = env_key(environment())
+    assert env["torch"] == torch.__version__ and env["threads"] == 1
+    assert {k: float(r["value"]) for k, r in runs.items()} == {(n, s): summaries[slug, s]["test_acc"] for n, slug in
+                                                               (("baseline", "baseline"), ("+ lr 0.05", "lr_0_05"))
+                                                               for s in (0, 1)}
+    assert {r["env"] for r in runs.values()} == {here}
+    launched = json.loads((out / "lr_0_05" / "seed1" / "ablate_env.json").read_text())
+    assert env_key(launched["environment"]) == here and "--seed 1" in launched["results"]["command"]
 
-    # interrupted ablation: one summary gone (its checkpoint stays) -> only that run is redone, by --resume
+    # interrupted ablation: one summary gone (its checkpoint stays) -> only that run is redone, by --resume;
+    # a finished run launched on another machine keeps its environment in the CSV, and the mix is reported
     gone = out / "lr_0_05" / "seed1" / "summary.json"
     gone.unlink()
+    elsewhere = out / "baseline" / "seed0" / "ablate_env.json"
+    doc = json.loads(elsewhere.read_text())
+    elsewhere.write_text(json.dumps({**doc, "environment": {**doc["environment"], "cpu_model": "Other CPU"}}))
     others = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")}
     assert len(others) == 3
     assert ablate.main([spec, "--seeds", "2", "--out", str(out)]) == 0  # in-process: saves an interpreter start
@@ -262,8 +301,13 @@ def test_real_runs_table_rerun_and_failure(tmp_path):
     assert json.loads(gone.read_text())["test_acc"] == var[1]  # same weights, same evaluation
     log = (out / "ablate.log").read_text()  # both calls, appended
     assert "0 done, 4 to run" in log and "3 done, 1 to run" in log and log.count("resume: + lr 0.05 seed 1") == 1
-    assert json.loads((out / "ablation.json").read_text())["variants"] == rows
+    assert _results(out)["variants"] == rows
     assert "--resume" in (out / "lr_0_05" / "seed1" / "ablate_stdout.log").read_text()
+    env2, runs2 = _runs_csv(out)
+    assert env2 == env and set(runs2) == set(runs)  # the first writer's header
+    assert runs2["baseline", 0]["env"] == env_key({**environment(), "cpu_model": "Other CPU"})
+    assert {r["env"] for k, r in runs2.items() if k != ("baseline", 0)} == {here}
+    assert float(runs2["+ lr 0.05", 1]["value"]) == var[1] and "launched in 2 environments" in log
 
     # a finished run trained with other flags than the spec now gives is refused, nothing runs
     changed = _write_spec(tmp_path / "c.yaml", [{"name": "baseline"}, {"name": "+ lr 0.05", "flags": {"lr": 0.1}}],
@@ -278,7 +322,8 @@ def test_real_runs_table_rerun_and_failure(tmp_path):
     assert ablate.main([broken, "--seeds", "1", "--out", str(out), "--only", "broken"]) == 1
     md = (out / "ablation.md").read_text()
     assert _row(md, "broken")[1:3] == ["0/1", "—"] and _row(md, "baseline")[1:3] == ["1/1", f"{100 * base[0]:.2f}"]
-    assert [r["name"] for r in json.loads((out / "ablation.json").read_text())["variants"]] == ["baseline", "broken"]
+    assert [r["name"] for r in _results(out)["variants"]] == ["baseline", "broken"]
+    assert _runs_csv(out) == (env2, runs2)  # failed runs add no row; rows of unplanned runs stay
     assert "broken seed 0: error: --swa_start 5 must be below --epochs 1" in md
     assert {p: p.stat().st_mtime_ns for p in others} == others
 

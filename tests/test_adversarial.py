@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import parse_args
-from utils.adversarial import AdversarialAttack, build_attack, fgsm, pgd, pgd_eval_defaults
+from tricks.adversarial import AdversarialAttack, build_attack, fgsm, pgd, pgd_eval_defaults
 from utils.errors import UserError
 
 
@@ -173,7 +173,7 @@ def test_build_attack_from_flags():
     a = build_attack(parse_args(["--adv", "pgd", "--adv_eps", "0.03", "--adv_steps", "5"]))
     assert (a.kind, a.eps, a.alpha, a.steps, a.random_start) == ("pgd", 0.03, None, 5, True)
     a = build_attack(parse_args(["--adv", "awp", "--awp_inputs", "fgsm", "--adv_alpha", "0.02",
-                                 "--no-adv_random_start"]))
+                                 "--no_adv_random_start"]))
     assert (a.kind, a.alpha, a.random_start) == ("fgsm", 0.02, False)
     expected = {"eps": 0.04, "alpha": 2.5 * 0.04 / 10, "steps": 10, "random_start": False}
     assert pgd_eval_defaults(0.04, 10) == expected

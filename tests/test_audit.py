@@ -1,4 +1,4 @@
-"""Tests for datasets/audit.py: pHash and the pair search against independent computations, and audits of
+"""Tests for tools/audit.py: pHash and the pair search against independent computations, and audits of
 small csv, imagefolder and in-memory datasets with planted problems (each found, nothing else)."""
 import gzip
 import hashlib
@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
+from conftest import run_script
 from PIL import Image, ImageDraw
 
 import config
 import datasets
-from datasets import audit
+from tools import audit
 from utils.errors import UserError
-
-from conftest import run_script
-
 
 # ---------------------------------------------------------------- pHash and pair search
 
@@ -148,7 +146,7 @@ def test_csv_audit_finds_each_planted_problem(tmp_path):
     assert len(data.train_labels) == 18 - len(dropped) - 4  # rows - dropped - validation
 
     # refusing to overwrite the CSV, through the CLI: exit code 2 and the file unchanged
-    res = run_script(["-m", "datasets.audit", "--dataset", "csv", "--data_dir", str(root), "--info_csv",
+    res = run_script(["-m", "tools.audit", "--dataset", "csv", "--data_dir", str(root), "--info_csv",
                       str(root / "info.csv"), "--output_dir", str(tmp_path / "a2"), "--write_clean",
                       str(root / "info.csv")])
     assert res.returncode == 2 and "never modifies" in res.stderr, res.stderr
@@ -265,3 +263,12 @@ def test_in_memory_audit_and_carved_split(tmp_path):
     data = datasets.build_data(args)
     torch.testing.assert_close(images["train"][val], data.val_loader.images, rtol=0, atol=0)
     assert sum(it.role == "test" for it in items) == 10
+
+
+def test_help_lists_only_the_audits_flags():
+    res = run_script(["-m", "tools.audit", "--help"])
+    assert res.returncode == 0 and len(res.stdout.splitlines()) <= 80, res.stdout
+    assert "--phash_threshold" in res.stdout and "--data_dir" in res.stdout and "--mixup_alpha" not in res.stdout
+    res = run_script(["-m", "tools.audit", "--phash_threshold", "x"])
+    assert res.returncode == 2 and res.stderr.startswith("error: argument --phash_threshold") \
+        and len(res.stderr.splitlines()) == 1, res.stderr

@@ -240,8 +240,8 @@ def test_batch_augment_resumes_exactly_from_torch_rng_state():
 
 
 def test_preview_writes_png(tmp_path):
-    from utils.mix import build_mixer
-    from utils.preview import save_aug_preview
+    from reporting.preview import save_aug_preview
+    from tricks.mix import build_mixer
     args = parse_args(["--hflip", "0.5", "--crop_padding", "2", "--mixup_alpha", "0.4", "--cutmix_alpha", "1"])
     x = torch.randint(0, 256, (6, 1, 12, 12), dtype=torch.uint8)
     path = save_aug_preview(x, torch.arange(6) % 3, ["a", "b", "c"], build_batch_augment(args, 1),

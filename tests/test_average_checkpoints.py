@@ -12,7 +12,7 @@ from torch import nn
 import config
 import datasets
 import models
-from utils.average_checkpoints import average_state_dicts, main
+from tools.average_checkpoints import average_state_dicts, main
 from utils.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_float64_accumulation_of_float32_weights():
 
 def test_weights_normalised_and_default_equal(caplog):
     sds = [make_sd(s) for s in (1, 2, 3)]
-    with caplog.at_level(logging.INFO, logger="utils.average_checkpoints"):
+    with caplog.at_level(logging.INFO, logger="tools.average_checkpoints"):
         a, _ = average_state_dicts(sds, [2, 3, 5])
     assert "normalised" in caplog.text
     b, _ = average_state_dicts(sds, [0.2, 0.3, 0.5])
@@ -139,7 +139,7 @@ def test_cli_refuses_to_overwrite_an_input(tmp_path):
 
 def test_cli_bad_weight_exits_2_with_message(tmp_path):
     paths = write_ckpts(tmp_path, 2)
-    r = subprocess.run([sys.executable, "-m", "utils.average_checkpoints", *paths, "--weights", "0.5", "-1",
+    r = subprocess.run([sys.executable, "-m", "tools.average_checkpoints", *paths, "--weights", "0.5", "-1",
                         "--out", str(tmp_path / "avg.pt")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and "positive" in r.stderr and "Traceback" not in r.stderr
@@ -178,3 +178,30 @@ def test_cli_update_bn_uses_the_runs_data(tmp_path, monkeypatch):
     assert int(sd["0.num_batches_tracked"]) == 3
     ins = [torch.load(p, weights_only=True)["model"] for p in paths]
     torch.testing.assert_close(sd["3.weight"], weighted_mean([s["3.weight"] for s in ins], [1, 1]).float())
+
+
+def test_cli_data_flags_given_override_the_checkpoints(tmp_path, monkeypatch):
+    paths = write_ckpts(tmp_path, 2)
+    seen = {}
+
+    def build_data(args):
+        seen["args"] = args
+        return types.SimpleNamespace(train_loader=[])
+
+    monkeypatch.setattr(datasets, "build_data", build_data, raising=False)
+    monkeypatch.setattr(models, "model_from_config", lambda cfg: tiny_model(), raising=False)
+    monkeypatch.setattr("tools.average_checkpoints.update_bn_uint8", lambda *a: None)
+    main([*paths, "--out", str(tmp_path / "avg.pt"), "--update_bn", "--device", "cpu", "--dataset", "cifar10",
+          "--data_dir", "elsewhere"])  # the checkpoints say fashion_mnist, batch_size 64
+    args = seen["args"]
+    assert (args.dataset, args.data_dir, args.batch_size, args.download) == ("cifar10", "elsewhere", 64, False)
+
+
+def test_cli_help_is_short_and_a_bad_flag_is_one_error_line():
+    r = subprocess.run([sys.executable, "-m", "tools.average_checkpoints", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) <= 80, r.stdout
+    assert "--no_strict" in r.stdout and "--data_dir" in r.stdout and "--mixup_alpha" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "tools.average_checkpoints", "a.pt", "--out", "b.pt", "--lr", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "error: unrecognized arguments: --lr 1; see --help\n", r.stderr

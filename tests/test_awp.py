@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import parse_args
-from utils.awp import AWP, build_awp
+from tricks.awp import AWP, build_awp
 from utils.errors import UserError
 
 

@@ -1,4 +1,5 @@
-"""The benchmark scripts still run against today's train.py, and their tables add up.
+"""The benchmark scripts still run against today's train.py, their tables add up, and every file they write
+carries the environment it was measured in (reporting/environment.py's header, with this torch).
 
 Smallest settings only: these check that each script runs end to end and that its derived columns agree with
 its raw ones (ratios, shares, images per second); the numbers themselves come from running the scripts.
@@ -10,15 +11,27 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, needs_fmnist, run_script
+
+from reporting.environment import describe, environment
 
 
 def _run(script, tmp_path, *args):
     out = tmp_path / "out.json"
     r = run_script([f"benchmarks/{script}", *args, "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(out.read_text()), r.stdout
+    doc = _checked(out)
+    assert r.stdout.splitlines()[0] == describe(doc["environment"])  # the environment line opens the output
+    return doc["results"], r.stdout
+
+
+def _checked(path):
+    """A benchmark's JSON, after checking its environment header."""
+    doc = json.loads(path.read_text())
+    assert list(doc) == ["environment", "results"]
+    env = doc["environment"]
+    assert env["torch"] == torch.__version__ and env["isa"] == environment()["isa"] and "hostname" not in env
+    return doc
 
 
 @needs_fmnist
@@ -57,7 +70,7 @@ def test_bench_loop_skips_tricks_the_model_lacks_and_refuses_unknown_ones(tmp_pa
     assert not (tmp_path / "x").exists()
     bench_loop.main(["--model", "airnet_s", "--batch_size", "8", "--steps", "2", "--rounds", "1", "--tricks", "none",
                      "--out", str(tmp_path / "none.json")])
-    res = json.loads((tmp_path / "none.json").read_text())
+    res = _checked(tmp_path / "none.json")["results"]
     assert {r["variant"] for r in res["rows"]} == {"bare loop", "train.py (no tricks)"}
 
 
@@ -79,7 +92,7 @@ def test_bench_data_quick(tmp_path):
 def test_bench_precision_quick(tmp_path):
     res, _ = _run("bench_precision.py", tmp_path, "--quick", "--no-compile", "--threads", "1", "--batch_size", "8")
     variants = {r["variant"] for r in res["rows"]}
-    from utils.misc import bf16_conv_math_active
+    from engine.precision import bf16_conv_math_active
     bf16_math = {"fp32 bf16-math channels_last"} if bf16_conv_math_active() else set()
     assert variants == {"fp32 NCHW", "fp32 channels_last", "bf16 NCHW", "bf16 channels_last"} | bf16_math
     base = next(r for r in res["rows"] if r["variant"] == "fp32 NCHW")
@@ -110,6 +123,7 @@ def test_profile_layers_macs_match_flop_counter(tmp_path):
     torch's own FlopCounterMode count of the model's convolutions (2 flops per MAC), and its rates and shares
     follow from its times."""
     from torch.utils.flop_counter import FlopCounterMode
+
     from models import build_model
     res, out = _run("profile_layers.py", tmp_path, "--model", "resnet8", "--batch_size", "8", "--steps", "2",
                     "--threads", "1")

@@ -56,3 +56,26 @@ def test_saved_config_round_trips(tmp_path):
 def test_every_flag_has_help_default_shown():
     text = config.get_parser().format_help()
     assert "(default: 0.2)" in text  # ArgumentDefaultsHelpFormatter shows defaults
+
+
+def test_one_flag_convention():
+    """Underscores only; every boolean is --x / --no_x; no store_true/BooleanOptionalAction (config.py docstring)."""
+    import argparse
+    parser = config.get_parser()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            assert opt == "-h" or (opt.startswith("--") and "-" not in opt[2:]), opt
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+            raise AssertionError(f"{action.dest}: use config.BoolFlag")
+        if isinstance(action, config.BoolFlag):
+            assert action.option_strings == [f"--{action.dest}", f"--no_{action.dest}"]
+    args = config.parse_args(["--no_amp", "--ema", "--no_bias_decay", "--no_progress"])
+    assert (args.amp, args.ema, args.bias_decay, args.progress) == (False, True, False, False)
+    assert config.parse_args(["--amp", "--no_amp"]).amp is False  # the last one wins, as on any command line
+
+
+def test_older_boolean_keys_still_read(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("no_bias_decay: true\nno_progress: false\n")
+    args = config.parse_args(["--config", str(path)])
+    assert args.bias_decay is False and args.progress is True

@@ -3,15 +3,15 @@ random state a checkpoint keeps and restores, `--device cuda:N` under torchrun, 
 and test-time augmentation averaged in fp32 under autocast."""
 import pytest
 import torch
-
 from conftest import QUICK, needs_fmnist
+
 from utils.errors import UserError
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
                                                ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
 def test_auto_amp_dtype_is_bf16_only_with_bf16_tensor_cores(monkeypatch, capability, dtype):
-    from utils.misc import make_precision
+    from engine.precision import make_precision
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # says yes on V100/T4 too
@@ -29,7 +29,7 @@ def test_explicit_gpu_under_torchrun_is_refused(monkeypatch):
 
 
 def test_checkpoint_keeps_only_the_runs_own_gpu_random_state(monkeypatch):
-    from utils import checkpoint
+    from engine import checkpoint
     calls = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: calls.append(("get", d)) or torch.tensor([7]))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append(("set", int(s[0]), d)))
@@ -62,9 +62,9 @@ def test_resume_into_fp16_grad_scaler_from_a_run_without_it(tmp_path):
     import argparse
 
     import train
-    from utils.checkpoint import load_model
-    from utils.optim import build_optimizer
-    from utils.scheduler import build_scheduler
+    from engine.checkpoint import load_model
+    from engine.optim import build_optimizer
+    from engine.scheduler import build_scheduler
     run = tmp_path / "run"
     import config
     train.main(config.parse_args([*QUICK, "--output_dir", str(run)]))
@@ -78,8 +78,8 @@ def test_resume_into_fp16_grad_scaler_from_a_run_without_it(tmp_path):
         opt = build_optimizer(model, args, args.lr)
         sched = build_scheduler(opt, args, 8)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)  # stands in for CUDA's
-        train.restore_run(str(tmp_path / "r.pt"), ckpt["model_config"], model, opt, sched, scaler, None, None,
-                          train.dist_utils.DistInfo(), None)
+        train.restore_run(str(tmp_path / "r.pt"), ckpt["model_config"], model,
+                          {"optimizer": opt, "scheduler": sched, "scaler": scaler}, train.dist_utils.DistInfo())
         return scaler.get_scale()
 
     assert resume({}) == 2.0 ** 10
@@ -88,7 +88,8 @@ def test_resume_into_fp16_grad_scaler_from_a_run_without_it(tmp_path):
 
 def test_tta_logits_average_in_fp32_under_autocast():
     import train
-    from utils.misc import make_precision, tta_views
+    from engine.precision import make_precision
+    from utils.misc import tta_views
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     torch.nn.init.normal_(model[1].weight, std=30.0, generator=g)  # large logits: bf16 sums would round
@@ -113,10 +114,10 @@ def test_a_step_grad_scaler_skips_does_not_move_schedule_lookahead_or_ema():
     import argparse
 
     import train
-    from utils.ema import ModelEMA
-    from utils.lookahead import Lookahead
-    from utils.misc import make_precision
-    from utils.scheduler import build_scheduler
+    from engine.precision import make_precision
+    from engine.scheduler import build_scheduler
+    from tricks.ema import ModelEMA
+    from tricks.lookahead import Lookahead
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -133,7 +134,7 @@ def test_a_step_grad_scaler_skips_does_not_move_schedule_lookahead_or_ema():
     batches = [(torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 3, (8,)))
                for _ in range(4)]
     prec = make_precision(torch.device("cpu"), amp=False)
-    train.train_one_epoch(model, batches, opt, sched, train.make_criterion(), scaler, prec, 0, lookahead=look,
-                          ema=ema)
+    train.train_one_epoch(model, batches, opt, sched, train.make_criterion(), scaler, prec, 0,
+                          train.StepTricks(lookahead=look, ema=ema))
     assert calls[0] == 4 and scaler.get_scale() == 2.0 ** 9  # one overflow: the scale halved once
     assert sched.iteration == 3 and look.steps == 3 and ema.num_updates == 3

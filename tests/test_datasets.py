@@ -15,8 +15,7 @@ import datasets
 from datasets import fashion_mnist
 from datasets.files import load_image
 from datasets.loader import InMemoryLoader, epoch_indices, make_file_loader
-from datasets.split import (balanced_weights, class_counts, kfold_split, stratified_split,
-                            stratified_subset)
+from datasets.split import balanced_weights, class_counts, kfold_split, stratified_split, stratified_subset
 from utils.errors import UserError
 
 
@@ -472,7 +471,8 @@ def test_alternating_flip_flags():
     with pytest.raises(UserError, match="--hflip 0.5"):
         build_batch_augment(config.parse_args(["--hflip", "0.3", "--hflip_mode", "alternate"]), 1)
     with pytest.raises(UserError, match="in-memory"):
-        datasets.build_data(config.parse_args(["--dataset", "imagefolder", "--data_dir", "/nonexistent", "--hflip", "0.5",
+        datasets.build_data(config.parse_args(["--dataset", "imagefolder", "--data_dir", "/nonexistent",
+                                                 "--hflip", "0.5",
                                       "--hflip_mode", "alternate"]))
 
 

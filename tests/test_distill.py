@@ -2,13 +2,12 @@
 import json
 
 import torch
+from conftest import QUICK, cli_error, needs_fmnist, run_script
 
 import config
-import train
 import train_distill
-from conftest import QUICK, cli_error, needs_fmnist, run_script
+from engine.checkpoint import save_checkpoint
 from models import build_model, model_config
-from utils.checkpoint import save_checkpoint
 
 pytestmark = needs_fmnist
 
@@ -16,7 +15,8 @@ pytestmark = needs_fmnist
 def _teacher_ckpt(path, num_classes=10):
     mcfg = model_config("resnet8", num_classes, 1, 28, (0.286,), (0.353,), "none", 0.0, False)
     model = build_model(**{k: v for k, v in mcfg.items() if k != "reparameterized"})
-    save_checkpoint({"model": model.state_dict(), "model_config": mcfg, "class_names": [str(i) for i in range(num_classes)],
+    save_checkpoint({"model": model.state_dict(), "model_config": mcfg,
+                     "class_names": [str(i) for i in range(num_classes)],
                      "args": {}}, path)
     return model
 

@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, needs_fmnist
 
 pytestmark = needs_fmnist
@@ -24,7 +23,7 @@ N_EVAL = 101  # not divisible by the world size
 # --lr_base_batch 32 with the same global batch (2 x 32 = 1 x 64) gives both runs lr 0.05 * 64 / 32 = 0.1,
 # but only if the linear scaling rule counts the world size. --scheduler constant keeps the lr checkable
 # at the end of the epoch and through --resume with more --epochs.
-COMMON = ["--model", "mlp_student", "--no-amp", "--deterministic", "--warmup_epochs", "0",
+COMMON = ["--model", "mlp_student", "--no_amp", "--deterministic", "--warmup_epochs", "0",
           "--train_subset", "256", "--eval_subset", str(N_EVAL), "--epochs", "1", "--opt", "sgd",
           "--weight_decay", "0", "--device", "cpu", "--no_progress", "--lr", "0.05", "--lr_base_batch", "32",
           "--scheduler", "constant", "--ema", "--ema_decay", "0.5"]
@@ -187,7 +186,6 @@ def test_sync_bn_on_cpu_is_a_one_line_error(runs):
 
 def test_helpers_in_a_two_process_group(tmp_path):
     import torch.multiprocessing as mp
-
     from ddp_worker import run, small_model
     mp.spawn(run, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = load(tmp_path / "rank0.pt"), load(tmp_path / "rank1.pt")

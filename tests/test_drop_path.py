@@ -69,6 +69,6 @@ def test_linear_rule():
 def test_models_use_linear_rule(name, num_blocks):
     model = build_model(name, 10, 1, 28, (0.5,), (0.5,), drop_path_rate=0.3)
     rates = [m.p for m in model.modules() if isinstance(m, DropPath)]    # modules() walks input to output
-    assert rates == pytest.approx([0.3 * l / num_blocks for l in range(1, num_blocks + 1)])
+    assert rates == pytest.approx([0.3 * k / num_blocks for k in range(1, num_blocks + 1)])
     plain = build_model(name, 10, 1, 28, (0.5,), (0.5,))
     assert not any(isinstance(m, DropPath) for m in plain.modules())

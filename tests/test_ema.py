@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.ema import ModelEMA
+from tricks.ema import ModelEMA
 
 
 def tiny_model(dtype=torch.float64):

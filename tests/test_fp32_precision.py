@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import cli_error
+
+from engine.precision import bf16_conv_math_active
 from utils.errors import UserError
-from utils.misc import bf16_conv_math_active
 
 BACKENDS = (torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul, torch.backends.cudnn.conv,
             torch.backends.cuda.matmul)
@@ -38,7 +38,7 @@ def rounded(t):
 
 @bf16_cpu
 def test_bf16_conv_is_fp32_conv_of_bf16_rounded_inputs():
-    from utils.misc import set_fp32_precision
+    from engine.precision import set_fp32_precision
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 16, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(32, 16, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
@@ -78,7 +78,7 @@ def test_the_probe_says_what_a_larger_convolution_does():
 
 
 def test_bf16_math_is_refused_where_it_would_change_nothing(monkeypatch):
-    from utils import misc
+    from engine import precision as misc
     before = torch.backends.mkldnn.conv.fp32_precision
     monkeypatch.setattr(misc, "bf16_conv_math_active", lambda: False)  # what an AMD Zen 4's probe answers
     with pytest.raises(UserError, match="--fp32_precision bf16 (would change nothing|needs a CPU)"):
@@ -87,7 +87,7 @@ def test_bf16_math_is_refused_where_it_would_change_nothing(monkeypatch):
 
 
 def test_impossible_device_and_mode_pairs_are_refused():
-    from utils.misc import set_fp32_precision
+    from engine.precision import set_fp32_precision
     with pytest.raises(UserError, match="tf32 is a CUDA setting"):
         set_fp32_precision(torch.device("cpu"), "tf32")
     with pytest.raises(UserError, match="bf16 is a CPU .* setting"):

@@ -84,8 +84,8 @@ def test_imgaug_flip_and_crop_padding_are_exact():
     for _ in range(10):
         out = crop(x)
         for i in range(3):   # imgaug's integer shift must equal some v2-style crop after zero padding
-            hits = [(t, l) for t in range(5) for l in range(5)
-                    if torch.equal(B.crop_with_padding(x[i:i + 1], 2, torch.tensor([t]), torch.tensor([l]))[0],
+            hits = [(t, left) for t in range(5) for left in range(5)
+                    if torch.equal(B.crop_with_padding(x[i:i + 1], 2, torch.tensor([t]), torch.tensor([left]))[0],
                                    out[i])]
             assert len(hits) == 1
             offsets.add(hits[0])

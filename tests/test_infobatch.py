@@ -7,15 +7,15 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUICK, cli_error, needs_fmnist
 
 import config
 import train
 import train_distill
-from conftest import QUICK, cli_error, needs_fmnist
 from datasets.loader import InMemoryLoader, make_file_loader
-from utils.budget import plan_epochs
-from utils.infobatch import InfoBatch
-from utils.misc import make_precision
+from engine.budget import plan_epochs
+from engine.precision import make_precision
+from tricks.infobatch import InfoBatch
 
 
 def test_selection_and_weights_by_hand():
@@ -122,7 +122,7 @@ def test_short_epochs_step_the_schedule_to_the_full_epochs_lr():
     lrs = []
     for epoch in range(2):
         train.train_one_epoch(model, batches, opt, sched, F.cross_entropy, prec.scaler(), prec, epoch,
-                              sched_steps=16)
+                              train.StepTricks(sched_steps=16))
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([1 - 16 / 32, 1 - 32 / 32])
 
@@ -197,8 +197,8 @@ def test_run_on_an_image_folder_prunes_the_middle_epochs(tmp_path):
 
 
 def test_refusals(tmp_path, capsys):
-    assert "must be in (0, 1)" in cli_error(train.main, [*QUICK, "--infobatch", "1"], capsys)
-    assert "anneal fraction in [0, 1]" in cli_error(
+    assert "--infobatch 1: must be in [0, 1)" in cli_error(train.main, [*QUICK, "--infobatch", "1"], capsys)
+    assert "--infobatch_anneal 1.5: must be in [0, 1]" in cli_error(
         train.main, [*QUICK, "--infobatch", "0.5", "--infobatch_anneal", "1.5"], capsys)
     assert "--mixup_alpha" in cli_error(train.main, [*QUICK, "--infobatch", "0.5", "--mixup_alpha", "0.2"], capsys)
     assert "--adv fgsm" in cli_error(train.main, [*QUICK, "--infobatch", "0.5", "--adv", "fgsm"], capsys)

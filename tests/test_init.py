@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import config
+from tricks.init import INITS, init_weights, lsuv_init, zero_init_residual
 from utils.errors import UserError
-from utils.init import INITS, init_weights, lsuv_init, zero_init_residual
 
 # Gains written out (not taken from nn.init.calculate_gain).
 GAINS = {"linear": 1.0, "relu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "leaky_relu": math.sqrt(2.0 / (1 + 0.01 ** 2))}
@@ -146,7 +146,7 @@ def test_lsuv_skips_zero_variance_without_dividing_by_zero(caplog):
     torch.manual_seed(0)
     model = _Classifier(bn=False)
     model.mean.zero_()  # a black batch then gives exactly zero activations everywhere
-    with caplog.at_level("INFO", logger="utils.init"):
+    with caplog.at_level("INFO", logger="tricks.init"):
         final = lsuv_init(model, torch.zeros(4, 1, 12, 12), tol=0.1, max_iter=5)
     assert final == {n: 0.0 for n in ("body.0", "body.3", "body.6", "head")}
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -221,7 +221,7 @@ def _correlated_images(n=400):
 
 
 def test_whiten_stem_filters_whiten_the_patches():
-    from utils.init import whiten_stem
+    from tricks.init import whiten_stem
     model, x, eps = _whiten_net(24), _correlated_images(), 5e-4
     rest = model[0].weight[18:].detach().clone()
     name, eigvals = whiten_stem(model, x, eps)
@@ -245,7 +245,7 @@ def test_whiten_stem_filters_whiten_the_patches():
 
 
 def test_whiten_stem_with_fewer_filters_keeps_the_top_eigenvectors():
-    from utils.init import whiten_stem
+    from tricks.init import whiten_stem
     model, x = _whiten_net(6), _correlated_images()
     _, eigvals = whiten_stem(model, x, 0.0)
     w = model[0].weight.detach().double().flatten(1)
@@ -256,6 +256,6 @@ def test_whiten_stem_with_fewer_filters_keeps_the_top_eigenvectors():
 
 
 def test_whiten_stem_without_a_conv_is_an_error():
-    from utils.init import whiten_stem
+    from tricks.init import whiten_stem
     with pytest.raises(UserError, match="no Conv2d"):
         whiten_stem(nn.Sequential(nn.Flatten(), nn.Linear(196, 2)), torch.rand(4, 1, 14, 14))

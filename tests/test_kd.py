@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tricks.kd import DistillationLoss, kd_loss
 from utils.errors import UserError
-from utils.kd import DistillationLoss, kd_loss
 
 N, K = 6, 5
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from tricks.lookahead import Lookahead
 from utils.errors import UserError
-from utils.lookahead import Lookahead
 
 
 def test_constant_gradient_closed_form():

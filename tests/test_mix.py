@@ -6,8 +6,8 @@ import torch
 from scipy import stats
 
 from config import parse_args
+from tricks.mix import Mixer, build_mixer, cutmix, cutmix_box, mixup, mosaic
 from utils.errors import UserError
-from utils.mix import Mixer, build_mixer, cutmix, cutmix_box, mixup, mosaic
 
 N, H, W = 6, 10, 14
 

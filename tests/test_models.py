@@ -6,8 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import MODELS, ImageClassifier, build_model, model_config, model_from_config, model_summary
-from models import resnet_cifar, resnet_tv, wide_resnet, mobilenet
+from models import (
+    MODELS,
+    ImageClassifier,
+    build_model,
+    mobilenet,
+    model_config,
+    model_from_config,
+    model_summary,
+    resnet_cifar,
+    resnet_tv,
+    wide_resnet,
+)
 from utils.errors import UserError
 
 # Cheap nets also run at 64 px (the largest size that keeps the small-image stem); the rest at 32 px.

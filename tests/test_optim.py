@@ -1,11 +1,13 @@
 """Optimiser construction, no-bias-decay parameter groups and the linear scaling rule."""
+import argparse
+
 import pytest
 import torch
 from torch import nn
 
 import config
+from engine.optim import OPTIMIZERS, build_optimizer, param_groups_no_bias_decay, scaled_lr
 from utils.errors import UserError
-from utils.optim import OPTIMIZERS, build_optimizer, param_groups_no_bias_decay, scaled_lr
 
 
 def _args(*flags):
@@ -48,7 +50,7 @@ def test_no_bias_decay_step_decays_only_weights():
     # Zero gradients, plain SGD: a decayed parameter becomes p * (1 - lr * wd); a 1-D one stays put.
     net = _net()
     opt = build_optimizer(net, _args("--no_bias_decay", "--weight_decay", "0.1", "--momentum", "0",
-                                     "--no-nesterov"), lr=0.5)
+                                     "--no_nesterov"), lr=0.5)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
@@ -94,7 +96,7 @@ def test_adamw_decay_is_decoupled_adam_is_l2():
 def test_bad_optimizer_flags():
     with pytest.raises(UserError, match="sgd, adam, adamw"):
         build_optimizer(_net(), _args("--opt", "lamb"), 0.1)
-    with pytest.raises(UserError, match="--no-nesterov"):
+    with pytest.raises(UserError, match="--no_nesterov"):
         build_optimizer(_net(), _args("--momentum", "0"), 0.1)
 
 
@@ -123,7 +125,7 @@ def test_norm_bias_lr_scale_step_matches_plain_sgd_by_hand():
     # Plain SGD with L2: p <- p - lr * (g + wd * p). The BN bias uses lr * S and wd / S, so its decay term
     # lr * wd is unchanged and its gradient step is S times larger.
     net = _net()
-    opt = build_optimizer(net, _args("--weight_decay", "0.1", "--momentum", "0", "--no-nesterov",
+    opt = build_optimizer(net, _args("--weight_decay", "0.1", "--momentum", "0", "--no_nesterov",
                                      "--norm_bias_lr_scale", "4"), lr=0.05)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     for p in net.parameters():
@@ -135,7 +137,9 @@ def test_norm_bias_lr_scale_step_matches_plain_sgd_by_hand():
 
 
 def test_bad_norm_bias_lr_scale_is_a_user_error():
-    with pytest.raises(UserError, match="> 0"):
-        build_optimizer(_net(), _args("--norm_bias_lr_scale", "0"), 0.1)
+    with pytest.raises(UserError, match=r"--norm_bias_lr_scale 0: must be in \(0, inf\)"):
+        _args("--norm_bias_lr_scale", "0")  # refused with the flags
+    with pytest.raises(UserError, match="> 0"):  # and by the library, called directly
+        build_optimizer(_net(), argparse.Namespace(**{**vars(_args()), "norm_bias_lr_scale": 0.0}), 0.1)
     with pytest.raises(UserError, match="no normalisation-layer biases"):
         build_optimizer(nn.Linear(3, 2), _args("--norm_bias_lr_scale", "2"), 0.1)

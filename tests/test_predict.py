@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from PIL import Image
 
 import config
@@ -14,10 +15,8 @@ import predict
 import reparam_export
 import train
 from datasets.files import load_image
-from utils.checkpoint import load_model
+from engine.checkpoint import load_model
 from utils.errors import UserError, run_cli
-
-from conftest import run_script
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
@@ -43,11 +42,11 @@ def run(tmp_path_factory):
     write_images(tmp / "data" / "val", 5, rng, mixed=2)
     data = ["--dataset", "imagefolder", "--data_dir", str(tmp / "data"), "--img_size", "32"]
     res = run_script(["train.py", *data, "--model", "resnet8", "--acb", "--epochs", "1", "--batch_size", "8",
-                      "--no_progress", "--device", "cpu", "--no-amp", "--warmup_epochs", "0", "--lr", "0.02",
+                      "--no_progress", "--device", "cpu", "--no_amp", "--warmup_epochs", "0", "--lr", "0.02",
                       "--output_dir", str(tmp / "run")])
     assert res.returncode == 0, res.stderr[-2000:]
     train.main(config.parse_args([*data, "--eval_only", "--ckpt", str(tmp / "run" / "last.pt"), "--device",
-                                  "cpu", "--no-amp", "--no_progress", "--output_dir", str(tmp / "eval")]))
+                                  "cpu", "--no_amp", "--no_progress", "--output_dir", str(tmp / "eval")]))
     onnx = []
     try:
         import onnxruntime  # noqa: F401
@@ -152,3 +151,23 @@ def test_list_input_and_unreadable_images(run, tmp_path, capsys):
         run_cli(predict.main, ["--ckpt", str(tmp_path / "missing.pt"), "--images", str(tmp_path), "--out",
                                str(tmp_path / "q.csv")])
     assert exit_.value.code == 2 and "missing.pt" in capsys.readouterr().err
+
+
+def test_data_flags_given_override_the_checkpoints(run, tmp_path):
+    # the run saved --eval_subset 0 (every val image); a data flag given here wins over the checkpoint's
+    s = predict.main(["--ckpt", str(run / "run" / "last.pt"), "--out", str(tmp_path / "d.csv"), "--device", "cpu",
+                      "--no_progress", "--eval_subset", "6"])
+    assert s["images"] == 6 and len(read_rows(tmp_path / "d.csv")) == 6
+
+
+def test_help_lists_only_predicts_flags_and_a_bad_flag_is_one_error_line():
+    res = run_script(["predict.py", "--help"])
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and len(lines) <= 80, len(lines)
+    assert "--topk" in res.stdout and "--data_dir" in res.stdout and "--no_progress" in res.stdout
+    assert "--mixup_alpha" not in res.stdout and "--epochs" not in res.stdout
+    for argv, message in ((["--topk", "five"], "error: argument --topk: invalid int value: 'five'"),
+                          (["--mixup_alpha", "0.2"], "error: unrecognized arguments: --mixup_alpha 0.2")):
+        res = run_script(["predict.py", "--ckpt", "x.pt", *argv])
+        assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
+        assert len(res.stderr.splitlines()) == 1 and not res.stdout

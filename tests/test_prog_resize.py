@@ -3,18 +3,18 @@ to training on batches resized beforehand, the time-budget plan with cheaper ear
 run whose metrics show the sides it trained at."""
 import csv
 
-import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUICK, cli_error, needs_fmnist
 from torchvision.transforms.v2 import functional as TF
 
 import config
 import train
-from conftest import QUICK, cli_error, needs_fmnist
-from utils import budget as budget_mod
-from utils.budget import TimeBudget, plan_epochs
-from utils.misc import make_precision, resize_square
-from utils.prog_resize import epoch_cost, train_size
+from engine import budget as budget_mod
+from engine.budget import TimeBudget, plan_epochs
+from engine.precision import make_precision
+from tricks.prog_resize import epoch_cost, train_size
+from utils.misc import resize_square
 
 
 def test_side_schedule_by_hand():
@@ -49,7 +49,8 @@ def test_training_on_resized_batches_equals_training_on_batches_resized_beforeha
                                     torch.nn.Linear(4, 10))
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        train.train_one_epoch(model, loader, opt, sched, F.cross_entropy, prec.scaler(), prec, 0, side=side)
+        train.train_one_epoch(model, loader, opt, sched, F.cross_entropy, prec.scaler(), prec, 0,
+                              train.StepTricks(side=side))
         return model.state_dict()
 
     batches = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 32, 8)]
@@ -85,7 +86,7 @@ def test_run_trains_at_the_planned_sides_and_evaluates_at_full_size(tmp_path, ca
     sides, orig = [], train.train_one_epoch
 
     def spy(*a, **kw):  # the side main hands to the training step, epoch by epoch
-        sides.append(kw["side"])
+        sides.append(a[8].side)
         return orig(*a, **kw)
     monkeypatch.setattr(train, "train_one_epoch", spy)
     flags = [a for a in QUICK if a not in ("--epochs", "1", "--model", "resnet8")]

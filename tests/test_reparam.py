@@ -8,10 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.acb import ACBlock, convert_to_acb
+from models.reparam import (
+    count_reparameterizable,
+    fuse_conv_bn,
+    identity_kernel,
+    pad_kernel,
+    reparameterize_model,
+    sum_branches,
+)
 from models.repvgg import REPVGG_MODELS, RepVGGBlock, stage_strides
 from utils.errors import UserError
-from utils.reparam import (count_reparameterizable, fuse_conv_bn, identity_kernel, pad_kernel,
-                           reparameterize_model, sum_branches)
 
 F64 = torch.float64
 
@@ -150,7 +156,7 @@ def test_reparameterize_model_counts_and_is_idempotent(caplog):
     assert count_reparameterizable(net) == 2
     assert reparameterize_model(net) is net
     assert count_reparameterizable(net) == 0
-    with caplog.at_level(logging.INFO, logger="utils.reparam"):
+    with caplog.at_level(logging.INFO, logger="models.reparam"):
         assert reparameterize_model(net) is net
     assert "nothing to re-parameterise" in caplog.text
 

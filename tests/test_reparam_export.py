@@ -5,13 +5,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import needs_fmnist
 from torch import nn
 
 import models
 import reparam_export
-from conftest import needs_fmnist
+from engine.checkpoint import load_model
 from models.repvgg import RepVGG
-from utils.checkpoint import load_model
 from utils.errors import UserError, run_cli
 
 MEAN, STD = (0.3,), (0.35,)
@@ -186,9 +186,19 @@ def test_train_eval_only_on_the_deploy_checkpoint_gives_the_same_metrics(tmp_pat
     summaries = []
     for name in ("best", "deploy"):
         args = config.parse_args(["--eval_only", "--ckpt", str(tmp_path / f"{name}.pt"), "--train_subset", "200",
-                                  "--eval_subset", "200", "--no-amp", "--device", "cpu", "--no_progress",
+                                  "--eval_subset", "200", "--no_amp", "--device", "cpu", "--no_progress",
                                   "--output_dir", str(tmp_path / f"eval_{name}")])
         summaries.append(train.main(args))
     trained, deployed = summaries
     assert deployed["val_acc"] == trained["val_acc"]
     assert deployed["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-5)
+
+
+def test_help_lists_only_its_flags():
+    from conftest import run_script
+    res = run_script(["reparam_export.py", "--help"])
+    assert res.returncode == 0 and len(res.stdout.splitlines()) <= 80, res.stdout
+    assert "--onnx" in res.stdout and "--no_use_ema" in res.stdout and "--data_dir" not in res.stdout
+    res = run_script(["reparam_export.py", "--ckpt", "a.pt", "--out", "b.pt", "--opset", "x"])
+    assert res.returncode == 2 and res.stderr.startswith("error: argument --opset") \
+        and len(res.stderr.splitlines()) == 1, res.stderr

@@ -1,4 +1,4 @@
-"""Tests for utils/report.py (evaluation report, loader image getter), utils/tb.py (TensorBoard), and the
+"""Tests for reporting/report.py (evaluation report, loader image getter), reporting/tb.py (TensorBoard), and the
 --class_weights auto / --balanced_sampler wiring against scikit-learn and binomial tolerances."""
 import gzip
 import json
@@ -18,9 +18,9 @@ import datasets
 from datasets.files import ImageFileDataset, load_image
 from datasets.loader import InMemoryLoader, make_file_loader
 from datasets.split import class_counts, inverse_frequency_weights
-from utils import tb
+from reporting import tb
+from reporting.report import eval_report, loader_image_getter, write_eval_report
 from utils.errors import UserError
-from utils.report import eval_report, loader_image_getter, write_eval_report
 
 CLASSES = ["cat", "dog", "bird", "fish"]  # "fish" never occurs in the targets
 # 10 samples: (target, predicted, confidence of the prediction)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import config
+from engine.scheduler import SCHEDULERS, build_scheduler, lr_at_steps, plot_lr
 from utils.errors import UserError
-from utils.scheduler import SCHEDULERS, build_scheduler, lr_at_steps, plot_lr
 
 
 def _args(*flags):

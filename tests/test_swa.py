@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.swa import SWA, update_bn_uint8
+from tricks.swa import SWA, update_bn_uint8
 
 
 def tiny_model():

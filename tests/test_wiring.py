@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import QUICK, needs_fmnist
 
 import config
 import train
-from conftest import QUICK, needs_fmnist
 from utils.errors import UserError
 
 pytestmark = needs_fmnist
@@ -22,7 +22,9 @@ def test_trick_flags_reach_the_run(tmp_path, monkeypatch):
         return orig_criterion(label_smoothing, class_weights)
 
     def spy_epoch(*a, **kw):
-        seen.setdefault("epochs", []).append({k: kw[k] for k in ("mix", "attack", "awp", "ema", "clip_grad")})
+        tricks = a[8]  # the StepTricks bundle
+        names = ("mix", "attack", "awp", "ema", "clip_grad")
+        seen.setdefault("epochs", []).append({k: getattr(tricks, k) for k in names})
         return orig_step(*a, **kw)
 
     monkeypatch.setattr(train, "make_criterion", spy_criterion)
@@ -72,8 +74,8 @@ def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypa
 
     def spy_epoch(*a, **kw):
         prec = a[6]
-        seen["epochs"].append({"awp": kw["awp"], "dtype": prec.dtype, "threads": torch.get_num_threads(),
-                               "compiled": a[0] is not kw["unwrapped"]})
+        seen["epochs"].append({"awp": a[8].awp, "dtype": prec.dtype, "threads": torch.get_num_threads(),
+                               "compiled": isinstance(a[0], torch.nn.Sequential)})
         return orig_epoch(*a, **kw)
 
     monkeypatch.setattr(train, "init_weights", spy_init)
@@ -84,7 +86,8 @@ def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypa
     out = tmp_path / "run"
     args = config.parse_args([*QUICK, "--epochs", "3", "--eval_subset", "64", "--output_dir", str(out),
                               "--init", "xavier_uniform", "--tta", "--tta_shift", "1", "--adv", "awp",
-                              "--awp_start_epoch", "1", "--threads", "1", "--amp", "--amp_dtype", "bf16", "--compile", "--eval_interval", "2"])
+                              "--awp_start_epoch", "1", "--threads", "1", "--amp", "--amp_dtype", "bf16", "--compile",
+                              "--eval_interval", "2"])
     try:
         train.main(args)
     finally:
@@ -116,7 +119,7 @@ def test_eval_interval_with_plateau_is_refused(tmp_path):
 
 def test_airbench_flags_reach_the_run(tmp_path, monkeypatch):
     """--whiten_stem (frozen through training), --init dirac, --norm_bias_lr_scale."""
-    from utils.init import whiten_stem
+    from tricks.init import whiten_stem
     seen = {}
     orig_whiten = train.whiten_stem
 

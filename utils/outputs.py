@@ -27,22 +27,56 @@ def prepare_output_dir(output_dir, model, dataset, resume=None, overwrite=False)
     if os.path.isdir(output_dir) and glob.glob(os.path.join(output_dir, "*.pt")) and not (resume or overwrite):
         raise UserError(f"{output_dir} already holds checkpoints; pass --resume {output_dir}/last.pt to "
                         f"continue, --overwrite to replace them, or another --output_dir")
+    return open_dir(output_dir)
+
+
+def open_dir(path):
+    """Create (if needed) and check a folder a run writes into; remove the temporary files an interrupted
+    atomic write left there (`NAME.tmp<pid>`)."""
     try:
-        os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, ".write_test")
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
+        for stale in glob.glob(os.path.join(path, "*.tmp[0-9]*")) + glob.glob(os.path.join(path, ".write_test*")):
+            os.remove(stale)
     except OSError as e:
-        raise UserError(f"cannot write to output dir {output_dir} ({e.strerror}); choose a writable --output_dir")
-    return output_dir
+        raise UserError(f"cannot write to {path} ({e.strerror}); pass a writable --output_dir")
+    return path
+
+
+def eval_dir(ckpt_path, output_dir=None, overwrite=False):
+    """Where --eval_only writes: --output_dir, or a fresh eval/, eval2/, ... beside the checkpoint. Files of a
+    finished run or evaluation are never replaced without --overwrite."""
+    if output_dir is None:
+        base = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval")
+        output_dir, n = base, 1
+        while not overwrite and os.path.exists(output_dir):
+            n += 1
+            output_dir = f"{base}{n}"
+    else:
+        done = [f for f in ("summary.json", "eval_summary.json", "eval_report.md") if
+                os.path.exists(os.path.join(output_dir, f))]
+        if done and not overwrite:
+            raise UserError(f"{output_dir} already holds {done[0]} of a finished run; pass another --output_dir, "
+                            f"or --overwrite to replace its files")
+    return open_dir(output_dir)
 
 
 def _atomic_write(path, write):
+    """Write through a temporary file renamed over `path`: the old file stays whole if anything fails."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space or pass another --output_dir "
+                        f"(the previous {os.path.basename(path)}, if any, is intact)") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json(path, obj):

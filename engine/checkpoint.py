@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import torch
 
+from models import model_from_config
 from utils.errors import UserError
 
 
@@ -18,6 +19,12 @@ def save_checkpoint(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
+        if isinstance(e, RuntimeError) and "write" not in str(e).lower() and "file" not in str(e).lower():
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:120]
+        raise UserError(f"cannot write checkpoint {path} ({reason}); free some space or pass another "
+                        f"--output_dir (the previous {os.path.basename(path)}, if any, is intact)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -51,7 +58,6 @@ def load_state(module, state_dict, what):
 
 def load_model(path_or_ckpt, use_ema=False):
     """Rebuild the model a checkpoint describes and load its weights (EMA weights with use_ema)."""
-    from models import model_from_config  # local: models imports utils
     ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
     model = model_from_config(ckpt["model_config"])
     if use_ema:
@@ -91,3 +97,22 @@ def set_rng_state(state, device=None):
             return
         cuda = cuda[index]
     torch.cuda.set_rng_state(cuda, device)
+
+
+def save_states(stateful):
+    """The checkpoint entries of a run's stateful parts. The protocol: each part is registered under a name
+    (optimizer, scheduler, scaler, ema, swa, lookahead, infobatch, ...) and has state_dict() / load_state_dict(),
+    so checkpoint and resume loop over them instead of naming each one."""
+    return {name: part.state_dict() for name, part in stateful.items()}
+
+
+def load_states(stateful, ckpt, path, required=("optimizer", "scheduler")):
+    """Load every registered part from `ckpt`. A part the checkpoint lacks (a trick switched on at resume) keeps
+    its fresh state; a missing required part means the file is not a training checkpoint."""
+    for name in required:
+        if not isinstance(ckpt.get(name), dict):
+            raise UserError(f"{path} has no {name} state, so it is not a train.py last.pt (an averaged, SWA or "
+                            f"deploy checkpoint?); evaluate it with --eval_only --ckpt {path}, or start a new run")
+    for name, part in stateful.items():
+        if ckpt.get(name):  # a run without fp16 saved a disabled scaler's empty state
+            part.load_state_dict(ckpt[name])

@@ -5,12 +5,29 @@ Norm-bias lr scale (airbench, Jordan 2024): normalisation-layer biases get lr x 
 decay per step (lr x wd) is unchanged while they move S times faster.
 For adam/adamw, --momentum is beta1 (0.9, Adam's default); --nesterov applies to SGD only.
 """
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from utils.errors import UserError
-from utils.init import NORM_LAYERS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """The flags build_optimizer and scaled_lr read (train.py fills it from the command line: config.options)."""
+    batch_size: int
+    bias_decay: bool
+    lr: float
+    lr_base_batch: int
+    momentum: float
+    nesterov: bool
+    norm_bias_lr_scale: float
+    opt: str
+    weight_decay: float
 
 
 def param_groups_no_bias_decay(model, weight_decay):
@@ -43,29 +60,29 @@ def scale_norm_bias_lr(groups, model, lr, scale):
     return out
 
 
-def build_optimizer(model, args, lr):
+def build_optimizer(model, cfg, lr):
     """--opt over the model's trainable parameters with peak learning rate `lr` (see `scaled_lr`)."""
-    if args.no_bias_decay:
-        params = param_groups_no_bias_decay(model, args.weight_decay)
+    if not cfg.bias_decay:
+        params = param_groups_no_bias_decay(model, cfg.weight_decay)
     else:
-        params = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}]
-    if args.norm_bias_lr_scale != 1:
-        params = scale_norm_bias_lr(params, model, lr, args.norm_bias_lr_scale)
-    if args.opt == "sgd":
-        if args.nesterov and args.momentum <= 0:
-            raise UserError("Nesterov SGD needs --momentum > 0; pass a momentum or --no-nesterov")
-        return torch.optim.SGD(params, lr=lr, momentum=args.momentum, nesterov=args.nesterov,
-                               weight_decay=args.weight_decay)
-    if args.opt in ("adam", "adamw"):
-        cls = torch.optim.Adam if args.opt == "adam" else torch.optim.AdamW  # Adam: L2; AdamW: decoupled
-        return cls(params, lr=lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
-    raise UserError(f"unknown --opt {args.opt!r}; choose one of {', '.join(OPTIMIZERS)}")
+        params = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    if cfg.norm_bias_lr_scale != 1:
+        params = scale_norm_bias_lr(params, model, lr, cfg.norm_bias_lr_scale)
+    if cfg.opt == "sgd":
+        if cfg.nesterov and cfg.momentum <= 0:
+            raise UserError("Nesterov SGD needs --momentum > 0; pass a momentum or --no_nesterov")
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.opt in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.opt == "adam" else torch.optim.AdamW  # Adam: L2; AdamW: decoupled
+        return cls(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    raise UserError(f"unknown --opt {cfg.opt!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def scaled_lr(args, world_size):
-    """Linear scaling rule: lr * (batch_size * world_size) / lr_base_batch; args.lr when --lr_base_batch is 0."""
-    if args.lr_base_batch < 0:
-        raise UserError(f"--lr_base_batch {args.lr_base_batch} must be >= 0 (0 = no scaling)")
-    if args.lr_base_batch == 0:
-        return args.lr
-    return args.lr * args.batch_size * world_size / args.lr_base_batch
+def scaled_lr(cfg, world_size):
+    """Linear scaling rule: lr * (batch_size * world_size) / lr_base_batch; cfg.lr when --lr_base_batch is 0."""
+    if cfg.lr_base_batch < 0:
+        raise UserError(f"--lr_base_batch {cfg.lr_base_batch} must be >= 0 (0 = no scaling)")
+    if cfg.lr_base_batch == 0:
+        return cfg.lr
+    return cfg.lr * cfg.batch_size * world_size / cfg.lr_base_batch

@@ -3,12 +3,30 @@ and PGD (Madry et al., "Towards Deep Learning Models Resistant to Adversarial At
 Perturbations live in [0, 1] pixel space (models normalise inside), are projected onto the eps-ball and [0, 1],
 and come from torch.autograd.grad wrt the perturbation only, so model parameter .grad is never touched.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from utils.errors import UserError
 
-KINDS = ("fgsm", "pgd")
+KINDS = ("fgsm", "pgd")  # input attacks; --adv awp perturbs the weights (tricks/awp.py)
+ADVS = ("none", *KINDS, "awp")  # --adv choices
+
+
+@dataclass(frozen=True)
+class AdvOptions:
+    """The adversarial-training flags (train.py fills it from the command line: config.options)."""
+    adv: str
+    adv_alpha: float
+    adv_eps: float
+    adv_random_start: bool
+    adv_steps: int
+    awp_gamma: float
+    awp_inputs: str
+    awp_start_epoch: int
+    eval_adv: str
+    eval_adv_steps: int
 
 
 def check_attack_args(eps, alpha, steps):
@@ -93,23 +111,23 @@ class AdversarialAttack:
                 f"random_start={self.random_start})")
 
 
-def check_adv_args(args):
+def check_adv_args(cfg):
     """Validate the "adversarial training" flag group (UserError with the fix)."""
-    if args.adv != "none" or args.eval_adv != "none":
-        check_attack_args(args.adv_eps, args.adv_alpha, args.adv_steps)
-    if args.eval_adv != "none" and args.eval_adv_steps < 1:
-        raise UserError(f"--eval_adv_steps {args.eval_adv_steps} must be >= 1")
-    if args.adv == "awp":
-        if args.awp_gamma <= 0:
-            raise UserError(f"--awp_gamma {args.awp_gamma} must be > 0 (the paper uses 0.005-0.01)")
-        if args.awp_start_epoch < 0:
-            raise UserError(f"--awp_start_epoch {args.awp_start_epoch} must be >= 0")
+    if cfg.adv != "none" or cfg.eval_adv != "none":
+        check_attack_args(cfg.adv_eps, cfg.adv_alpha, cfg.adv_steps)
+    if cfg.eval_adv != "none" and cfg.eval_adv_steps < 1:
+        raise UserError(f"--eval_adv_steps {cfg.eval_adv_steps} must be >= 1")
+    if cfg.adv == "awp":
+        if cfg.awp_gamma <= 0:
+            raise UserError(f"--awp_gamma {cfg.awp_gamma} must be > 0 (the paper uses 0.005-0.01)")
+        if cfg.awp_start_epoch < 0:
+            raise UserError(f"--awp_start_epoch {cfg.awp_start_epoch} must be >= 0")
 
 
-def build_attack(args):
+def build_attack(cfg):
     """AdversarialAttack for --adv fgsm|pgd, or for --adv awp the one named by --awp_inputs; None if clean."""
-    check_adv_args(args)
-    kind = args.awp_inputs if args.adv == "awp" else args.adv
+    check_adv_args(cfg)
+    kind = cfg.awp_inputs if cfg.adv == "awp" else cfg.adv
     if kind in ("none", "clean"):
         return None
-    return AdversarialAttack(kind, args.adv_eps, args.adv_alpha or None, args.adv_steps, args.adv_random_start)
+    return AdversarialAttack(kind, cfg.adv_eps, cfg.adv_alpha or None, cfg.adv_steps, cfg.adv_random_start)

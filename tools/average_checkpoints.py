@@ -1,9 +1,9 @@
 """Weighted average of the weights of several checkpoints (offline SWA / checkpoint averaging, as in
 Izmailov et al., 2018 and Vaswani et al., 2017), accumulated in float64 and cast back to each tensor's dtype.
-Integer buffers (num_batches_tracked) come from the last checkpoint; --update_bn re-estimates BatchNorm.
-    python -m utils.average_checkpoints a.pt b.pt c.pt --weights 0.2 0.3 0.5 --out avg.pt [--update_bn]
+Integer buffers (num_batches_tracked) come from the last checkpoint; --update_bn re-estimates BatchNorm on the
+training data of the last checkpoint's run (data flags given here override its saved ones).
+    python -m tools.average_checkpoints a.pt b.pt c.pt --weights 0.2 0.3 0.5 --out avg.pt [--update_bn]
 """
-import argparse
 import logging
 import math
 import os
@@ -11,10 +11,10 @@ import os
 import torch
 
 import config
-from utils.checkpoint import load_checkpoint, load_state, save_checkpoint
+from engine.checkpoint import load_checkpoint, load_state, save_checkpoint
+from tricks.swa import update_bn_uint8
 from utils.errors import UserError, run_cli
 from utils.misc import resolve_device
-from utils.swa import update_bn_uint8
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def average_state_dicts(state_dicts, weights=None, strict=True, names=None):
     if problems and strict:
         detail = "; ".join(f"{k} ({why})" for k, why in problems.items())
         raise UserError(f"{len(problems)} key(s) differ between the checkpoints: {detail}; average checkpoints "
-                        f"of the same model, or pass --no-strict to skip these keys")
+                        f"of the same model, or pass --no_strict to skip these keys")
 
     avg = {}
     for k, ref in last.items():
@@ -89,13 +89,12 @@ def average_state_dicts(state_dicts, weights=None, strict=True, names=None):
     return avg, skipped
 
 
-def recompute_bn(state_dict, ckpt, device):
-    """Load `state_dict` into the model `ckpt` describes and re-estimate BatchNorm on the run's training data."""
+def recompute_bn(state_dict, ckpt, device, data_flags=None):
+    """Load `state_dict` into the model `ckpt` describes and re-estimate BatchNorm on the training data of the run
+    (its saved flags over train.py's defaults), with `data_flags` (a dict) over those."""
     import datasets  # only --update_bn needs the data and model code
     import models
-    args = config.get_parser().parse_args([])
-    vars(args).update(ckpt.get("args") or {})
-    data = datasets.build_data(args)
+    data = datasets.build_data(config.training_defaults(ckpt.get("args") or {}, data_flags or {}))
     model = models.model_from_config(ckpt["model_config"])
     load_state(model, state_dict, "the averaged weights")
     model.to(device)
@@ -104,19 +103,20 @@ def recompute_bn(state_dict, ckpt, device):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Average the weights of several checkpoints of one model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = config.tool_parser("Average the weights of several checkpoints of one model.",
+                           usage="%(prog)s CKPT [CKPT ...] --out PATH [--weights W [W ...]] [options]")
     p.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoints written by train.py")
-    p.add_argument("--weights", type=float, nargs="+", default=None,
+    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                    help="one positive weight per checkpoint (default: equal); normalised to sum to 1")
-    p.add_argument("--out", required=True, help="path of the averaged checkpoint")
-    p.add_argument("--use_ema", action="store_true", help="average the checkpoints' EMA weights")
-    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
-                   help="fail on keys missing or shaped differently in some checkpoint; --no-strict skips "
-                        "them (keeping the last checkpoint's value)")
-    p.add_argument("--update_bn", action="store_true",
-                   help="re-estimate BatchNorm statistics on the run's training data (from its saved args)")
+    p.add_argument("--out", required=True, metavar="PATH", help="path of the averaged checkpoint")
+    p.add_argument("--use_ema", action=config.BoolFlag, help="average the checkpoints' EMA weights")
+    p.add_argument("--strict", action=config.BoolFlag, default=True,
+                   help="fail on keys missing or shaped differently in some checkpoint; --no_strict skips them "
+                        "(keeping the last checkpoint's value)")
+    p.add_argument("--update_bn", action=config.BoolFlag,
+                   help="re-estimate BatchNorm statistics on the run's training data")
     p.add_argument("--device", default="auto", help="--update_bn: auto | cpu | cuda | cuda:N")
+    config.add_data_args(p, unset="the last checkpoint's training flags (read by --update_bn)")
     return p
 
 
@@ -143,7 +143,7 @@ def main(argv=None):
 
     avg, _ = average_state_dicts(state_dicts, weights, strict=args.strict, names=args.ckpts)
     if args.update_bn:
-        avg = recompute_bn(avg, last, resolve_device(args.device, False))
+        avg = recompute_bn(avg, last, resolve_device(args.device, False), config.given_data_flags(args))
     result = {**last, "model": avg, "averaged_from": list(args.ckpts), "weights": weights}
     for k in TRAINING_STATE:
         if k in result:

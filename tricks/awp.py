@@ -98,10 +98,10 @@ class AWP:
         return f"AWP(gamma={self.gamma}, layers={len(self.names)})"
 
 
-def build_awp(args, model):
+def build_awp(cfg, model):
     """AWP for --adv awp, else None. The loop applies it from epoch --awp_start_epoch on."""
-    if args.adv != "awp":
+    if cfg.adv != "awp":
         return None
-    if args.awp_start_epoch < 0:
-        raise UserError(f"--awp_start_epoch {args.awp_start_epoch} must be >= 0")
-    return AWP(model, args.awp_gamma)
+    if cfg.awp_start_epoch < 0:
+        raise UserError(f"--awp_start_epoch {cfg.awp_start_epoch} must be >= 0")
+    return AWP(model, cfg.awp_gamma)

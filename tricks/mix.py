@@ -5,10 +5,23 @@ to 1; it never smooths labels (the criterion does, once). Deviation: Mosaic here
 images into the tiles as YOLOv4 does; each tile keeps the same region of its source image, like CutMix with
 four sources, so every label weight is exactly the tile's area / (H*W).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class MixOptions:
+    """The batch-mixing flags (train.py fills it from the command line: config.options)."""
+    cutmix_alpha: float
+    mix_off_epoch: int
+    mix_prob: float
+    mix_switch_prob: float
+    mixup_alpha: float
+    mosaic: float
 
 
 def mixup(x, y1hot, lam, perm):
@@ -95,17 +108,17 @@ class Mixer:
         return x, y1hot
 
 
-def build_mixer(args, num_classes):
+def build_mixer(cfg, num_classes):
     """Mixer from --mixup_alpha/--cutmix_alpha/--mosaic/--mix_prob/--mix_switch_prob, or None if all off."""
     for name in ("mosaic", "mix_prob", "mix_switch_prob"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserError(f"--{name} {getattr(args, name)} is not a probability; give a value in [0, 1]")
-    if args.mixup_alpha < 0 or args.cutmix_alpha < 0:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise UserError(f"--{name} {getattr(cfg, name)} is not a probability; give a value in [0, 1]")
+    if cfg.mixup_alpha < 0 or cfg.cutmix_alpha < 0:
         raise UserError("--mixup_alpha and --cutmix_alpha must be >= 0 (0 = off)")
-    if args.mix_off_epoch < 0:
-        raise UserError(f"--mix_off_epoch {args.mix_off_epoch} is negative; give an epoch >= 0 (0 = never)")
-    if args.mixup_alpha == 0 and args.cutmix_alpha == 0 and args.mosaic == 0:
+    if cfg.mix_off_epoch < 0:
+        raise UserError(f"--mix_off_epoch {cfg.mix_off_epoch} is negative; give an epoch >= 0 (0 = never)")
+    if cfg.mixup_alpha == 0 and cfg.cutmix_alpha == 0 and cfg.mosaic == 0:
         return None
-    return Mixer(num_classes, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
-                 switch_prob=args.mix_switch_prob, mosaic_prob=args.mosaic, mix_prob=args.mix_prob,
-                 off_epoch=args.mix_off_epoch)
+    return Mixer(num_classes, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                 switch_prob=cfg.mix_switch_prob, mosaic_prob=cfg.mosaic, mix_prob=cfg.mix_prob,
+                 off_epoch=cfg.mix_off_epoch)

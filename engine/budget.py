@@ -10,11 +10,11 @@ the others (step, multistep, exponential, plateau, cyclic, cosine_restarts, cons
 Once the planned last epoch has trained the run ends, even if the machine sped up: its schedule has annealed.
 The epoch count then depends on the machine's speed: a budgeted run is not reproducible across machines.
 """
-import argparse
+import dataclasses
 import time
 import warnings
 
-from utils.scheduler import build_scheduler
+from engine.scheduler import build_scheduler
 
 LENGTH_DEPENDENT = ("cosine", "onecycle", "poly")
 
@@ -87,20 +87,20 @@ class TimeBudget:
                            self.eval_interval, self.extra_evals * eval_s, cost)
 
 
-def replan_schedule(sched, optimizer, args, steps_per_epoch, epochs):
+def replan_schedule(sched, optimizer, cfg, steps_per_epoch, epochs):
     """The run's schedule rebuilt for `epochs` epochs and advanced to the iteration `sched` has reached.
 
     Schedules that do not depend on the run's length are returned as they are. Each param group's lr is
     first reset to its peak (kept by build_scheduler) because build_scheduler reads the peaks from the
     optimizer."""
-    if args.scheduler not in LENGTH_DEPENDENT:
+    if cfg.scheduler not in LENGTH_DEPENDENT:
         return sched
-    warmup_iters = round(args.warmup_epochs * steps_per_epoch)
+    warmup_iters = round(cfg.warmup_epochs * steps_per_epoch)
     if epochs * steps_per_epoch <= max(warmup_iters, sched.iteration):
         return sched  # no schedule left to stretch: the run stops at its current epoch
     for group, peak in zip(optimizer.param_groups, sched.peaks):
         group["lr"] = peak
-    new = build_scheduler(optimizer, argparse.Namespace(**{**vars(args), "epochs": epochs}), steps_per_epoch)
+    new = build_scheduler(optimizer, dataclasses.replace(cfg, epochs=epochs), steps_per_epoch)
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": replaying, not training
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(sched.iteration):

@@ -19,7 +19,7 @@ import math
 import torch
 
 from datasets.loader import epoch_seed
-from utils import distributed as dist_utils
+from engine import distributed as dist_utils
 from utils.errors import UserError
 
 _SALT = 0x1FB0  # keeps the pruning draws apart from the loader's order, which is seeded by (seed, epoch) too
@@ -92,15 +92,9 @@ class InfoBatch:
         self.kept_frac = state["kept_frac"]
 
 
-def check_infobatch(args):
-    """--infobatch needs per-sample losses of plain (unmixed, clean) samples drawn without replacement."""
-    if not 0.0 < args.infobatch < 1.0 or not 0.0 <= args.infobatch_anneal <= 1.0:
-        raise UserError(f"--infobatch {args.infobatch:g} / --infobatch_anneal {args.infobatch_anneal:g}: the pruned "
+def check_infobatch(rate, anneal):
+    """--infobatch R / --infobatch_anneal FRAC ranges (the flag combinations are train.py's check_args)."""
+    if not 0.0 < rate < 1.0 or not 0.0 <= anneal <= 1.0:
+        raise UserError(f"--infobatch {rate:g} / --infobatch_anneal {anneal:g}: the pruned "
                         "fraction must be in (0, 1) (0 = off) and the anneal fraction in [0, 1], e.g. "
                         "--infobatch 0.5 --infobatch_anneal 0.875")
-    clash = [flag for flag, on in (("--mixup_alpha/--cutmix_alpha/--mosaic (mixed samples have no own loss)",
-                                    args.mixup_alpha or args.cutmix_alpha or args.mosaic),
-                                   (f"--adv {args.adv}", args.adv != "none"),
-                                   ("--balanced_sampler", args.balanced_sampler)) if on]
-    if clash:
-        raise UserError(f"--infobatch does not combine with {clash[0]}; drop one of them")

@@ -3,7 +3,7 @@ reported (unlike build_data, which stops at the first bad file): unreadable file
 pixels, and file bytes), near-duplicates by a 64-bit DCT perceptual hash (pHash, Zauner 2010), train/val/test
 leakage, conflicting labels, CSV rows without files and files without rows, class balance and image sizes.
 
-    python -m datasets.audit [train.py data flags] --output_dir DIR [--phash_threshold 4] [--write_clean PATH]
+    python -m tools.audit [train.py's data flags] --output_dir DIR [--phash_threshold 4] [--write_clean PATH]
 
 writes DIR/audit.md, audit.json, class_balance.png, samples_per_class.png, near_duplicates.png and, for file
 datasets, image_sizes.png. --write_clean PATH writes a filtered index; the user's files are never changed.
@@ -24,12 +24,11 @@ import torch
 from PIL import Image, ImageOps
 
 import config
+from datasets import DATASETS, DEFAULT_VAL_RATIO, FILE_DEFAULT_CHANS, IN_MEMORY
+from datasets.files import IMG_EXTENSIONS, _existing, _image_path, _read_list, load_image, read_imagefolder
+from datasets.split import carve_validation
 from utils.errors import UserError, run_cli
 from utils.misc import resize_square
-
-from . import DATASETS, DEFAULT_VAL_RATIO, FILE_DEFAULT_CHANS, IN_MEMORY
-from .files import IMG_EXTENSIONS, _existing, _image_path, _read_list, load_image, read_imagefolder
-from .split import carve_validation
 
 log = logging.getLogger(__name__)
 
@@ -623,8 +622,8 @@ def _samples(items, class_names, get_image, per_class, seed):
 def audit(args):
     """Run every check for the data flags in `args`; writes the report into args.output_dir. Returns the
     report dict (also in audit.json)."""
+    from reporting.report import save_image_grid
     from utils.outputs import write_json
-    from utils.report import save_image_grid
 
     t0 = time.perf_counter()
     if args.dataset not in DATASETS:
@@ -736,20 +735,25 @@ def audit(args):
 
 
 def get_parser():
-    p = config.get_parser()
-    p.description = "Audit a dataset (the data flags of train.py) and write audit.md, audit.json and plots."
+    p = config.tool_parser("Audit a dataset (train.py's data flags) and write audit.md, audit.json and plots.",
+                           usage="%(prog)s [data flags] --output_dir DIR [options]")
     g = p.add_argument_group("audit")
-    g.add_argument("--phash_threshold", type=int, default=4,
+    g.add_argument("--output_dir", metavar="DIR", help="where audit.md, audit.json and the plots go (required)")
+    g.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="the run's --seed (or --data_seed): seeds the validation carve and the sample images")
+    g.add_argument("--phash_threshold", type=int, default=4, metavar="BITS",
                    help="near-duplicates: largest Hamming distance between 64-bit pHashes")
     g.add_argument("--write_clean", default=None, metavar="PATH",
                    help="write the index without flagged images: a CSV (csv), a list of image paths "
                         "(imagefolder) or split,index rows (in-memory); never overwrites the inputs")
-    g.add_argument("--max_pairs", type=int, default=10000, help="near-duplicate pairs listed in audit.json")
+    g.add_argument("--max_pairs", type=int, default=10000, metavar="N",
+                   help="near-duplicate pairs listed in audit.json")
+    config.add_data_args(p)
     return p
 
 
 def main(argv=None):
-    args = config.parse_args(argv, parser=get_parser())
+    args = get_parser().parse_args(argv)
     if not args.output_dir:
         raise UserError("--output_dir DIR is required: the audit writes audit.md, audit.json and plots there")
     return audit(args)

@@ -6,7 +6,6 @@ that mean, which is a valid logit vector (softmax(log p) = p), so evaluate() and
 Each member gets about 1/N of the machine: benchmarks/bench_ensemble.py measures N processes of T/N threads
 against one process of T threads.
 """
-import json
 import logging
 import math
 import os
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.checkpoint import load_model
+from engine.checkpoint import load_model
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,8 @@ def train_members(script, config_path, out_dir, n, seed, data_seed, threads, log
             dirs.append(d)
             logs.append(os.path.join(out_dir, f"member{i}.out"))
             with open(logs[-1], "w") as f:
-                procs.append(subprocess.Popen(member_command(script, config_path, seed + i, data_seed, threads, d, overwrite),
-                                              stdout=f, stderr=subprocess.STDOUT))
+                cmd = member_command(script, config_path, seed + i, data_seed, threads, d, overwrite)
+                procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
             offsets.append(0)
         log.info(f"ensemble: {n} members training at once ({threads} thread(s) each), seeds {seed}..{seed + n - 1}; "
                  f"their output: {out_dir}/member*.out")
@@ -122,41 +121,3 @@ def _forward_lines(path, offset, prefix, log):
         if line:
             log.info(prefix + line)
     return offset + end
-
-
-def train_ensemble(args, prec, started, script, evaluate):
-    """--ensemble N: train N seeds at once (`script` run once per member, sharing the threads), then evaluate the
-    mean of their softmax outputs with `evaluate(model, loader)` (train.py's, with the run's TTA). Members live in
-    <output_dir>/member<i>/ with train.py's usual files; the parent writes config.yaml and summary.json."""
-    import config  # local: config is the top-level flag module, not a utils dependency
-    from datasets import build_data
-    from utils.outputs import write_json
-    config.save_config(args, os.path.join(args.output_dir, "config.yaml"))  # the children's flags, and a rerun's
-    threads = member_threads(args.threads or torch.get_num_threads(), args.ensemble)
-    data_seed = args.seed if args.data_seed is None else args.data_seed
-    dirs = train_members(script, os.path.join(args.output_dir, "config.yaml"), args.output_dir, args.ensemble,
-                         args.seed, data_seed, threads, log, args.overwrite)
-    data = build_data(args, device=prec.device)
-    members = []
-    for d in dirs:
-        with open(os.path.join(d, "summary.json")) as f:
-            s = json.load(f)
-        members.append({k: s[k] for k in ("final_val_acc", "test_acc", "epochs", "train_seconds") if k in s})
-    summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name, "ensemble": args.ensemble,
-               "members": members}
-    for use_ema in (False, True) if args.ema else (False,):
-        model, _ = load_ensemble([os.path.join(d, "last.pt") for d in dirs], use_ema=use_ema)
-        model.to(prec.device)
-        tag = "_ema" if use_ema else ""
-        summary["final_val_acc" + tag] = evaluate(model, data.val_loader)["acc"]
-        if data.test_loader is not None:
-            summary["test_acc" + tag] = evaluate(model, data.test_loader)["acc"]
-        elif data.val_name == "test":
-            summary["test_acc" + tag] = summary["final_val_acc" + tag]
-    summary["train_seconds"] = max(m.get("train_seconds", 0.0) for m in members)  # they train side by side
-    summary["wall_seconds"] = time.perf_counter() - started
-    write_json(os.path.join(args.output_dir, "summary.json"), summary)
-    log.info(f"done: ensemble of {args.ensemble}: {data.val_name} acc {summary['final_val_acc']:.4f} (members "
-             + ", ".join(f"{m['final_val_acc']:.4f}" for m in members)
-             + f"), {summary['wall_seconds'] / 60:.1f} min wall -> {args.output_dir}")
-    return summary

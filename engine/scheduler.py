@@ -5,6 +5,7 @@ cycling; step/multistep decays count epochs from the start of training, other sc
 """
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from torch.optim import lr_scheduler as lrs
@@ -15,7 +16,34 @@ log = logging.getLogger(__name__)
 
 SCHEDULERS = ("cosine", "step", "multistep", "exponential", "plateau", "cyclic", "onecycle",
               "cosine_restarts", "poly", "constant")
-_OWN_WARMUP = ("onecycle", "cyclic")  # they ramp up by themselves; --warmup_epochs must be 0
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """The flags the schedule reads (train.py fills it from the command line: config.options)."""
+    cyclic_base_lr: float
+    cyclic_mode: str
+    cyclic_step_epochs: float
+    epochs: int
+    gamma: float
+    lr: float
+    milestones: list[float]
+    min_lr: float
+    onecycle_div_factor: float
+    onecycle_final_div_factor: float
+    onecycle_pct_start: float
+    plateau_factor: float
+    plateau_patience: int
+    poly_power: float
+    restart_epochs: float
+    restart_mult: int
+    scheduler: str
+    step_size: float
+    warmup_epochs: float
+    warmup_lr_init: float
+
+
+OWN_WARMUP = ("onecycle", "cyclic")  # they ramp up by themselves; --warmup_epochs must be 0
 
 
 class LRSchedule:
@@ -27,7 +55,7 @@ class LRSchedule:
 
     def __init__(self, optimizer, scheduler, plateau=None, warmup_iters=0, peaks=None):
         self.optimizer = optimizer
-        self.peaks = peaks  # each param group's peak lr (utils.budget rebuilds the schedule from them)
+        self.peaks = peaks  # each param group's peak lr (engine.budget rebuilds the schedule from them)
         self.scheduler = scheduler
         self.plateau = plateau
         self.warmup_iters = warmup_iters
@@ -80,48 +108,48 @@ def _iters(epochs, steps_per_epoch, flag):
     return n
 
 
-def _after_warmup(milestones, args, warmup, spe):
+def _after_warmup(milestones, cfg, warmup, spe):
     """Decay iterations counted from the start of training -> iterations of the main schedule."""
     if milestones and milestones[0] <= warmup:
-        raise UserError(f"--scheduler {args.scheduler}: a decay at epoch {milestones[0] / spe:g} is not after the "
-                        f"warmup (--warmup_epochs {args.warmup_epochs:g}); decays count epochs from the start "
+        raise UserError(f"--scheduler {cfg.scheduler}: a decay at epoch {milestones[0] / spe:g} is not after the "
+                        f"warmup (--warmup_epochs {cfg.warmup_epochs:g}); decays count epochs from the start "
                         f"of training, so shorten the warmup or decay later")
     return [m - warmup for m in milestones]
 
 
-def _build_main(name, optimizer, args, spe, n_iters, warmup, peaks):
+def _build_main(name, optimizer, cfg, spe, n_iters, warmup, peaks):
     """The schedule after warmup, over `n_iters` iterations, stepped once per iteration."""
     if name == "cosine":
-        return lrs.CosineAnnealingLR(optimizer, T_max=n_iters, eta_min=args.min_lr)
+        return lrs.CosineAnnealingLR(optimizer, T_max=n_iters, eta_min=cfg.min_lr)
     if name == "step":
         # StepLR's rule (x gamma every step_size epochs) counted from the start of training, as MultiStepLR.
-        period = _iters(args.step_size, spe, "step_size")
+        period = _iters(cfg.step_size, spe, "step_size")
         every = list(range(period, warmup + n_iters, period))
-        return lrs.MultiStepLR(optimizer, _after_warmup(every, args, warmup, spe), gamma=args.gamma)
+        return lrs.MultiStepLR(optimizer, _after_warmup(every, cfg, warmup, spe), gamma=cfg.gamma)
     if name == "multistep":
-        milestones = sorted(round(e * spe) for e in args.milestones)
-        return lrs.MultiStepLR(optimizer, _after_warmup(milestones, args, warmup, spe), gamma=args.gamma)
+        milestones = sorted(round(e * spe) for e in cfg.milestones)
+        return lrs.MultiStepLR(optimizer, _after_warmup(milestones, cfg, warmup, spe), gamma=cfg.gamma)
     if name == "exponential":
-        return lrs.ExponentialLR(optimizer, gamma=args.gamma ** (1.0 / spe))  # --gamma is per epoch
+        return lrs.ExponentialLR(optimizer, gamma=cfg.gamma ** (1.0 / spe))  # --gamma is per epoch
     if name == "cyclic":
-        if args.cyclic_base_lr > min(peaks):
-            raise UserError(f"--cyclic_base_lr {args.cyclic_base_lr:g} is above the peak lr {min(peaks):g}; "
+        if cfg.cyclic_base_lr > min(peaks):
+            raise UserError(f"--cyclic_base_lr {cfg.cyclic_base_lr:g} is above the peak lr {min(peaks):g}; "
                             f"lower it or raise --lr")
         # exp_range: the cycle amplitude shrinks by --gamma per epoch.
-        return lrs.CyclicLR(optimizer, base_lr=args.cyclic_base_lr, max_lr=peaks,
-                            step_size_up=_iters(args.cyclic_step_epochs, spe, "cyclic_step_epochs"),
-                            mode=args.cyclic_mode, gamma=args.gamma ** (1.0 / spe), cycle_momentum=False)
+        return lrs.CyclicLR(optimizer, base_lr=cfg.cyclic_base_lr, max_lr=peaks,
+                            step_size_up=_iters(cfg.cyclic_step_epochs, spe, "cyclic_step_epochs"),
+                            mode=cfg.cyclic_mode, gamma=cfg.gamma ** (1.0 / spe), cycle_momentum=False)
     if name == "onecycle":
-        return lrs.OneCycleLR(optimizer, max_lr=peaks, total_steps=n_iters, pct_start=args.onecycle_pct_start,
-                              div_factor=args.onecycle_div_factor,
-                              final_div_factor=args.onecycle_final_div_factor, cycle_momentum=False)
+        return lrs.OneCycleLR(optimizer, max_lr=peaks, total_steps=n_iters, pct_start=cfg.onecycle_pct_start,
+                              div_factor=cfg.onecycle_div_factor,
+                              final_div_factor=cfg.onecycle_final_div_factor, cycle_momentum=False)
     if name == "cosine_restarts":
-        if args.restart_mult < 1:
-            raise UserError(f"--restart_mult {args.restart_mult} must be an integer >= 1")
-        return lrs.CosineAnnealingWarmRestarts(optimizer, T_0=_iters(args.restart_epochs, spe, "restart_epochs"),
-                                               T_mult=args.restart_mult, eta_min=args.min_lr)
+        if cfg.restart_mult < 1:
+            raise UserError(f"--restart_mult {cfg.restart_mult} must be an integer >= 1")
+        return lrs.CosineAnnealingWarmRestarts(optimizer, T_0=_iters(cfg.restart_epochs, spe, "restart_epochs"),
+                                               T_mult=cfg.restart_mult, eta_min=cfg.min_lr)
     if name == "poly":
-        return lrs.LambdaLR(optimizer, [_poly_factor(p, args.min_lr, n_iters, args.poly_power) for p in peaks])
+        return lrs.LambdaLR(optimizer, [_poly_factor(p, cfg.min_lr, n_iters, cfg.poly_power) for p in peaks])
     if name == "constant":
         return lrs.LambdaLR(optimizer, lambda t: 1.0)
     raise AssertionError(name)
@@ -145,47 +173,47 @@ def _warmup_factor(peak, lr_init, warmup):
     return factor
 
 
-def build_scheduler(optimizer, args, steps_per_epoch):
-    """The --scheduler schedule over args.epochs * steps_per_epoch iterations, after --warmup_epochs of warmup.
+def build_scheduler(optimizer, cfg, steps_per_epoch):
+    """The --scheduler schedule over cfg.epochs * steps_per_epoch iterations, after --warmup_epochs of warmup.
 
     The peak lr is the optimizer's lr when this is called (so a scaled lr is respected).
     """
-    name = args.scheduler
+    name = cfg.scheduler
     if name not in SCHEDULERS:
         raise UserError(f"unknown --scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    if steps_per_epoch < 1 or args.epochs < 1:
-        raise UserError(f"the schedule needs at least one epoch of at least one step (got --epochs {args.epochs}, "
+    if steps_per_epoch < 1 or cfg.epochs < 1:
+        raise UserError(f"the schedule needs at least one epoch of at least one step (got --epochs {cfg.epochs}, "
                         f"{steps_per_epoch} steps per epoch)")
-    if args.warmup_epochs < 0:
-        raise UserError(f"--warmup_epochs {args.warmup_epochs:g} must be >= 0")
-    if args.warmup_epochs > 0 and name in _OWN_WARMUP:
+    if cfg.warmup_epochs < 0:
+        raise UserError(f"--warmup_epochs {cfg.warmup_epochs:g} must be >= 0")
+    if cfg.warmup_epochs > 0 and name in OWN_WARMUP:
         own = "--onecycle_pct_start" if name == "onecycle" else "--cyclic_base_lr and --cyclic_step_epochs"
         raise UserError(f"--warmup_epochs does not apply to {name} (it has its own warmup, {own}); "
                         f"pass --warmup_epochs 0")
-    total = args.epochs * steps_per_epoch
-    warmup = max(1, round(args.warmup_epochs * steps_per_epoch)) if args.warmup_epochs > 0 else 0
+    total = cfg.epochs * steps_per_epoch
+    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
     if warmup >= total:
-        raise UserError(f"--warmup_epochs {args.warmup_epochs:g} leaves no iterations for the schedule "
-                        f"(--epochs {args.epochs}); shorten the warmup")
+        raise UserError(f"--warmup_epochs {cfg.warmup_epochs:g} leaves no iterations for the schedule "
+                        f"(--epochs {cfg.epochs}); shorten the warmup")
     peaks = [group["lr"] for group in optimizer.param_groups]
     warm = None
     if warmup:
-        warm = lrs.LambdaLR(optimizer, [_warmup_factor(p, args.warmup_lr_init, warmup) for p in peaks])
+        warm = lrs.LambdaLR(optimizer, [_warmup_factor(p, cfg.warmup_lr_init, warmup) for p in peaks])
     if name == "plateau":
-        plateau = lrs.ReduceLROnPlateau(optimizer, mode="max", factor=args.plateau_factor,
-                                        patience=args.plateau_patience, min_lr=args.min_lr)
+        plateau = lrs.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
+                                        patience=cfg.plateau_patience, min_lr=cfg.min_lr)
         return LRSchedule(optimizer, warm, plateau, warmup, peaks)
-    main = _build_main(name, optimizer, args, steps_per_epoch, total - warmup, warmup, peaks)
+    main = _build_main(name, optimizer, cfg, steps_per_epoch, total - warmup, warmup, peaks)
     if warm is not None:
         main = lrs.SequentialLR(optimizer, [warm, main], milestones=[warmup])
     return LRSchedule(optimizer, main, None, warmup, peaks)
 
 
-def lr_at_steps(args, steps_per_epoch, total_steps, lr=None):
+def lr_at_steps(cfg, steps_per_epoch, total_steps, lr=None):
     """The lr of iterations 0..total_steps-1 for these flags, simulated on a dummy optimizer (peak `lr`,
-    default args.lr). Plateau is simulated with a metric that never improves."""
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr if lr is None else lr)
-    sched = build_scheduler(opt, args, steps_per_epoch)
+    default cfg.lr). Plateau is simulated with a metric that never improves."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr if lr is None else lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch)
     out = []
     for i in range(total_steps):
         out.append(sched.get_last_lr()[0])
@@ -196,24 +224,24 @@ def lr_at_steps(args, steps_per_epoch, total_steps, lr=None):
     return out
 
 
-def plot_lr(args, steps_per_epoch, path, lr=None):
+def plot_lr(cfg, steps_per_epoch, path, lr=None):
     """Write the schedule of a whole run to `path` (a .png file, or a folder that gets lr_schedule.png)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: only --plot_lr needs matplotlib
     from matplotlib.figure import Figure
 
     if os.path.isdir(path):
         path = os.path.join(path, "lr_schedule.png")
-    total = args.epochs * steps_per_epoch
-    values = lr_at_steps(args, steps_per_epoch, total, lr)
+    total = cfg.epochs * steps_per_epoch
+    values = lr_at_steps(cfg, steps_per_epoch, total, lr)
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot([i / steps_per_epoch for i in range(total)], values)
-    if args.warmup_epochs > 0:
-        ax.axvline(args.warmup_epochs, color="gray", linestyle=":", label="end of warmup")
+    if cfg.warmup_epochs > 0:
+        ax.axvline(cfg.warmup_epochs, color="gray", linestyle=":", label="end of warmup")
         ax.legend()
-    note = " (metric never improving)" if args.scheduler == "plateau" else ""
-    ax.set(xlabel="epoch", ylabel="learning rate", title=f"--scheduler {args.scheduler}{note}, "
+    note = " (metric never improving)" if cfg.scheduler == "plateau" else ""
+    ax.set(xlabel="epoch", ylabel="learning rate", title=f"--scheduler {cfg.scheduler}{note}, "
            f"{steps_per_epoch} steps/epoch, peak {max(values):.4g}")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -177,7 +177,7 @@ def loader_image_getter(loader):
     """get_images(positions) -> uint8 NCHW images for positions in `loader`'s iteration order, un-augmented;
     None for a loader this does not know. Positions follow the loader's current epoch (eval loaders: fixed)."""
     from datasets.files import ImageFileDataset, load_image
-    from datasets.loader import FileLoader, InMemoryLoader, IndexedDataset, epoch_indices
+    from datasets.loader import FileLoader, IndexedDataset, InMemoryLoader, epoch_indices
 
     if isinstance(loader, InMemoryLoader):
         def get_images(positions):

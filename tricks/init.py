@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from engine.optim import NORM_LAYERS
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,6 @@ INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaimi
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 def _init_weight(w, init, mode, nonlinearity, gain):
