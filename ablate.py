@@ -11,6 +11,8 @@ directory; `base` overrides it), `variants: [{name: baseline, flags: {}}, {name:
 {crop_padding: 2, hflip: 0.5}}, ...]`, optional `seeds: 3` (or a list), `cumulative: false` (true: variant k
 adds its flags to those of variants 1..k-1, a recipe), `metric: test_acc` (the summary.json key compared; a
 variant may name its own, e.g. `metric: test_acc_ema` for EMA, `swa_val_acc` for SWA; cumulative steps inherit it).
+A base with `fold: all` and `kfold: K` cross-validates every run (crossval.py: <run dir>/fold0..K-1, resumed by
+rerunning) and compares its out-of-fold accuracy, `oof_acc` in cv_summary.json, unless the spec names a metric.
 --jobs J runs J trainings at once with cores // J threads each (OMP_NUM_THREADS and train.py --threads), so
 jobs x threads <= cores. Small models often use 1 thread about as well as 2, so --jobs 2 can finish sooner on
 2 cores; train times in the table are comparable only between ablations run with the same --jobs.
@@ -36,6 +38,7 @@ import yaml
 import config
 from reporting.environment import env_key, environment, read_csv, write_csv, write_json
 from utils.errors import UserError, run_cli
+from utils.flags import BoolFlag
 
 log = logging.getLogger("ablate")
 
@@ -46,7 +49,7 @@ VARIANT_KEYS = {"name", "flags", "metric"}
 RESERVED = {"seed", "output_dir", "resume", "overwrite", "config", "eval_only", "ckpt", "plot_lr", "preview_aug",
             "threads"}
 # Flags that change how a run executes but not what it computes; a finished run is reused whatever they were.
-NOT_COMPARED = {"threads", "progress", "tensorboard", "workers"}
+NOT_COMPARED = {"threads", "jobs", "progress", "tensorboard", "workers"}
 NAMED_CHOICES = {"opt": config.OPTIMIZERS, "scheduler": config.SCHEDULERS, "init": config.INITS}
 
 
@@ -81,7 +84,8 @@ def load_spec(path):
     variants = spec.get("variants")
     if not isinstance(variants, list) or not variants:
         raise UserError(f"ablation spec {path} needs a non-empty list `variants:`; the first is the baseline")
-    metric = spec.get("metric", "test_acc")
+    cross_validated = {str(k).replace("-", "_"): x for k, x in base.items()}.get("fold") == "all"
+    metric = spec.get("metric", "oof_acc" if cross_validated else "test_acc")  # fold: all -> cv_summary.json
     out, slugs = [], {}
     for i, v in enumerate(variants):
         if not isinstance(v, dict) or "name" not in v:
@@ -183,10 +187,13 @@ def plan(spec, out, seeds, threads, only=None):
             run_dir = os.path.join(out, v["slug"], f"seed{seed}")
             argv = [*tokens, "--seed", str(seed), "--output_dir", run_dir, "--threads", str(threads)]
             expected = vars(resolve(spec["base"], rest, argv, f"variant {v['name']!r}"))
+            cv = expected["fold"] == "all"  # crossval.py resumes its folds when the same command reruns
+            if cv and expected["kfold"] < 2:
+                raise UserError(f"variant {v['name']!r}: fold: all cross-validates and needs kfold: K with K >= 2")
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", v["config"], *argv]
             runs.append({"variant": v["name"], "seed": seed, "dir": run_dir, "cmd": cmd,
                          "status": _status(run_dir, expected, v["name"])})
-            if runs[-1]["status"] == "resume":
+            if runs[-1]["status"] == "resume" and not cv:
                 cmd += ["--resume", os.path.join(run_dir, "last.pt")]
             elif runs[-1]["status"] == "restart":
                 cmd.append("--overwrite")
@@ -195,23 +202,26 @@ def plan(spec, out, seeds, threads, only=None):
 
 def _status(run_dir, expected, name):
     """done: summary.json present; resume: last.pt but no summary; restart: other checkpoints only; new.
-    A run directory trained with other flags than the spec now gives is refused (stale results)."""
+    A run directory trained with other flags than the spec now gives is refused (stale results). A cross-validation
+    (fold: all) is done with its cv_summary.json and resumes (its fold checkpoints) by running again."""
     saved_path = os.path.join(run_dir, "config.yaml")
-    has_ckpt = os.path.isdir(run_dir) and any(f.endswith(".pt") for f in os.listdir(run_dir))
+    cv = expected.get("fold") == "all"
+    summary = os.path.join(run_dir, "cv_summary.json" if cv else "summary.json")
+    has_ckpt = any(f.endswith(".pt") for _, _, files in os.walk(run_dir) for f in files)  # fold: all: in fold*/
     if os.path.isfile(saved_path):
         with open(saved_path) as f:
             saved = yaml.safe_load(f) or {}
         defaults = vars(config.get_parser().parse_args([]))
         diff = [k for k, want in expected.items() if k not in NOT_COMPARED | config._RUN_LOCAL | {"output_dir"}
                 and _norm(saved.get(k, defaults.get(k))) != _norm(want)]
-        if diff and (has_ckpt or os.path.isfile(os.path.join(run_dir, "summary.json"))):
+        if diff and (has_ckpt or os.path.isfile(summary)):
             k = diff[0]
             raise UserError(f"{run_dir} was trained with {k}={saved.get(k, defaults.get(k))!r} but variant {name!r} "
                             f"now gives {k}={expected[k]!r} ({len(diff)} flag(s) differ); delete that directory "
                             f"to rerun it, or use another --out")
-    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+    if os.path.isfile(summary):
         return "done"
-    if os.path.isfile(os.path.join(run_dir, "last.pt")):
+    if os.path.isfile(os.path.join(run_dir, "last.pt")) or (cv and has_ckpt):
         return "resume"
     return "restart" if has_ckpt else "new"
 
@@ -260,14 +270,16 @@ def execute(runs, jobs, threads, machine):
 
 
 def read_run(run_dir, metric):
-    """(metric value, train_seconds) from summary.json, or (None, reason)."""
-    path = os.path.join(run_dir, "summary.json")
+    """(metric value, train_seconds) from summary.json (cv_summary.json for fold: all), or (None, reason)."""
+    path = os.path.join(run_dir, "cv_summary.json")
+    if not os.path.isfile(path):
+        path = os.path.join(run_dir, "summary.json")
     if not os.path.isfile(path):
         return None, _last_error(run_dir)
     with open(path) as f:
         s = json.load(f)
     if metric not in s:
-        return None, f"summary.json has no {metric!r} (keys: {', '.join(sorted(s))})"
+        return None, f"{os.path.basename(path)} has no {metric!r} (keys: {', '.join(sorted(s))})"
     return float(s[metric]), float(s.get("train_seconds", float("nan")))
 
 
@@ -398,14 +410,14 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("spec", help="ablation spec (YAML): base/base_config, variants, seeds, cumulative, metric")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1; None: the spec's seeds, else 3")
-    p.add_argument("--cumulative", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--cumulative", action=BoolFlag, default=None,
                    help="stack the variants' flags in order, like a recipe; None: the spec's setting, else off")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once; each gets cores // jobs threads")
     p.add_argument("--threads", type=int, default=0, help="threads per training (0 = cores // jobs)")
     p.add_argument("--out", default="runs/ablation", help="root directory: <out>/<variant>/seed<S>")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="run only these variants (name or directory name); the baseline always runs")
-    p.add_argument("--dry_run", action="store_true", help="print the plan and commands, run and write nothing")
+    p.add_argument("--dry_run", action=BoolFlag, help="print the plan and commands, run and write nothing")
     return p
 
 

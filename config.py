@@ -30,24 +30,11 @@ from models import ATTENTIONS
 from tricks.adversarial import ADVS
 from tricks.init import INITS
 from utils.errors import UserError
+from utils.flags import BoolFlag  # noqa: F401 (config.BoolFlag: the scripts' boolean flag)
 
 _NOT_IN_CONFIG = {"config"}
 # Older spellings of boolean flags, still read from config files and checkpoints: old key -> (new key, negate).
 _RENAMED = {"no_bias_decay": ("bias_decay", True), "no_progress": ("progress", True)}
-
-
-class BoolFlag(argparse.Action):
-    """A boolean flag as `--x` / `--no_x` (argparse's BooleanOptionalAction spells the negation `--no-x`)."""
-
-    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
-        names = [n for opt in option_strings for n in (opt, "--no_" + opt[2:])]
-        super().__init__(names, dest, nargs=0, default=default, help=help, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, not option_string.startswith("--no_"))
-
-    def format_usage(self):
-        return " | ".join(self.option_strings)
 
 
 def _renamed(cfg):
@@ -61,6 +48,22 @@ def _renamed(cfg):
 # output_dir too: a resumed run writes beside the checkpoint it resumes (or into --output_dir), never into the
 # folder recorded in the checkpoint's flags (a copied run must not rewrite the original).
 _RUN_LOCAL = {"config", "resume", "overwrite", "eval_only", "ckpt", "plot_lr", "preview_aug", "output_dir"}
+
+
+class _FoldValueError(argparse.ArgumentTypeError, ValueError):
+    """argparse prints its message; a config file's check (_typed) takes it as a ValueError."""
+
+
+def fold_value(text):
+    """--fold's value: a fold number (0, 1, ...; checked against --kfold with the data) or `all`."""
+    if str(text) == "all":
+        return "all"
+    if not str(text).isdigit():
+        raise _FoldValueError(f"{text!r} is not a fold: give a number 0..K-1 (with --kfold K) or all")
+    return int(text)
+
+
+fold_value.expected = "a fold number (0..K-1) or all"
 
 
 def _add_data_args(p):
@@ -78,12 +81,19 @@ def _add_data_args(p):
     g.add_argument("--img_size", type=int, default=None,
                    help="resize file images to this square size (default: 28 for Fashion-MNIST, "
                         "32 for CIFAR-10, 64 for file datasets)")
+    g.add_argument("--crop_pct", type=float, default=0.0, metavar="P",
+                   help="file datasets at --img_size >= 64 (as timm/torchvision do): evaluate on a centre crop "
+                        "of the image resized, aspect kept, to img_size / P; train on random-resized crops "
+                        "(scale --random_resized_crop or 0.08 to 1) of it; 0 = squash to the square")
     g.add_argument("--in_chans", type=int, default=None, choices=(1, 3),
                    help="file datasets: convert images to 1 (L) or 3 (RGB) channels (default 3)")
     g.add_argument("--val_ratio", type=float, default=0.0,
                    help="carve a stratified validation split from train (0 = use the test split)")
     g.add_argument("--kfold", type=int, default=0, help="stratified K-fold: number of folds (0 = off)")
-    g.add_argument("--fold", type=int, default=0, help="which fold (0..K-1) is the validation split")
+    g.add_argument("--fold", type=fold_value, default=0,
+                   help="which fold (0..K-1) validates, or all (crossval.py)")
+    g.add_argument("--classes", nargs="+", default=None, metavar="C",
+                   help="train and evaluate on these classes only (names or indices), relabelled 0..k-1")
     g.add_argument("--train_subset", type=int, default=0, help="stratified subset of N training images")
     g.add_argument("--eval_subset", type=int, default=0, help="stratified subset of N eval images")
     g.add_argument("--skip_bad_images", action=BoolFlag,
@@ -106,10 +116,29 @@ def _add_model_args(p):
                    help="ACNet: train every kxk conv+BN as kxk + 1xk + kx1 branches")
 
 
+def _add_finetune_args(p):
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--pretrained", nargs="?", const="default", default=None, metavar="SOURCE",
+                   help="start from pretrained weights: alone, the architecture's published ones (torchvision's for "
+                        "resnet18/34/50, from TORCH_HOME's cache; timm's for timm/NAME); with a path, a torchvision "
+                        "or timm state dict, or a checkpoint of this repository")
+    g.add_argument("--pretrained_use_ema", action=BoolFlag, help="--pretrained PATH: take its EMA weights")
+    g.add_argument("--freeze_epochs", type=int, default=0, metavar="N",
+                   help="train only the classifier head for the first N epochs, the backbone's BatchNorm statistics "
+                        "frozen (linear probing, then fine-tuning; 0 = off)")
+    g.add_argument("--layer_decay", type=float, default=1.0, metavar="G",
+                   help="layer-wise lr decay: a stage at depth d from the head trains at lr x G^d (1 = off)")
+    g.add_argument("--head_lr_scale", type=float, default=1.0, metavar="S",
+                   help="the classifier head trains at lr x S (1 = off)")
+
+
 def _add_optim_args(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=8)
     g.add_argument("--batch_size", type=int, default=256, help="per-process batch size")
+    g.add_argument("--accum_steps", type=int, default=1, metavar="K",
+                   help="sum the gradients of K batches before each optimizer step (an effective batch of "
+                        "K x batch_size; the schedule, EMA and clipping count optimizer steps; 1 = off)")
     g.add_argument("--opt", default="sgd", help=f"one of {', '.join(OPTIMIZERS)}")
     g.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; beta1 for adam/adamw")
@@ -141,7 +170,7 @@ def _add_schedule_args(p):
     g.add_argument("--milestones", type=float, nargs="+", default=[30, 60, 90],
                    help="multistep: epochs (from the start of training) at which to decay")
     g.add_argument("--gamma", type=float, default=0.1, help="step/multistep/exponential decay factor "
-                   "(exponential and cyclic exp_range: per epoch)")
+                   "(exponential and cyclic exp_range: per epoch; multiplicative: x G per epoch)")
     g.add_argument("--plateau_patience", type=int, default=5, help="plateau: epochs without improvement")
     g.add_argument("--plateau_factor", type=float, default=0.1)
     g.add_argument("--cyclic_base_lr", type=float, default=1e-4)
@@ -160,7 +189,10 @@ def _add_schedule_args(p):
 
 def _add_init_args(p):
     g = p.add_argument_group("weight init")
-    g.add_argument("--init", default="default", help=f"one of {', '.join(INITS)}")
+    g.add_argument("--init", default="default", help=f"one of {', '.join(INITS)} (seed: the seed's scheme, "
+                   f"convs Xavier-normal with bias 0.3, Linear N(0, 0.1), norms as built; see tricks/init.py)")
+    g.add_argument("--init_std", type=float, default=0.01, metavar="S",
+                   help="--init normal: weights N(0, S); --init uniform: U(-S, S)")
     g.add_argument("--init_mode", default="fan_in", choices=("fan_in", "fan_out"))
     g.add_argument("--init_nonlinearity", default="relu",
                    help="gain via nn.init.calculate_gain (relu, leaky_relu, tanh, linear, ...)")
@@ -217,7 +249,8 @@ def _add_aug_args(p):
     g.add_argument("--random_erasing", type=float, default=0.0, metavar="P")
     g.add_argument("--aug_backend", default="torchvision", choices=("torchvision", "imgaug"))
     g.add_argument("--imgaug_preset", default="none", choices=("none", "seed"),
-                   help="seed: Fliplr, Flipud, GaussianBlur, MultiplyBrightness")
+                   help="seed: the original project's imgaug pipeline, Fliplr(0.5), Flipud(0.5), "
+                        "GaussianBlur(sigma=(0, 0.1)), MultiplyBrightness(mul=(0.65, 1.35)) (1-channel: Multiply)")
     g.add_argument("--preview_aug", action=BoolFlag,
                    help="write aug_preview.png for these flags and exit without training")
     g = p.add_argument_group("augmentation (batch mixing)")
@@ -272,6 +305,9 @@ def _add_run_args(p):
     g.add_argument("--ensemble", type=int, default=1, metavar="N",
                    help="train N members (seeds seed..seed+N-1) at once as N processes sharing --threads, then "
                         "evaluate the mean of their softmax outputs (with --tta); 1 = one model")
+    g.add_argument("--jobs", type=int, default=1, metavar="J",
+                   help="--fold all: train J folds at once as J processes sharing --threads (1 = one after "
+                        "another, in this process)")
     g.add_argument("--deterministic", action=BoolFlag,
                    help="deterministic algorithms (bit-exact resume on CPU)")
     g.add_argument("--progress", action=BoolFlag, default=True, help="tqdm progress bars (on a terminal)")
@@ -305,10 +341,13 @@ _P = (0, 1)  # a probability
 # both ends included, or (low, high, "open-low" / "open-high" / "open") where an end is excluded. NaN and
 # infinity are refused for every float. List flags apply the range to each element.
 RANGES = {
-    "img_size": (8, _INF), "val_ratio": (0, 1, "open-high"), "kfold": (0, _INF), "fold": (0, _INF),
+    "img_size": (8, _INF), "crop_pct": (0, 1), "val_ratio": (0, 1, "open-high"),
+    "kfold": (0, _INF),  # --fold: fold_value
     "train_subset": (0, _INF), "eval_subset": (0, _INF), "workers": (0, _INF),
     "drop_path_rate": (0, 1, "open-high"),
-    "epochs": (1, _INF), "batch_size": (1, _INF), "lr": (0, _INF, "open"), "momentum": (0, 1, "open-high"),
+    "freeze_epochs": (0, _INF), "layer_decay": (0, 1, "open-low"), "head_lr_scale": (0, _INF, "open"),
+    "epochs": (1, _INF), "batch_size": (1, _INF), "accum_steps": (1, _INF), "lr": (0, _INF, "open"),
+    "momentum": (0, 1, "open-high"),
     "weight_decay": (0, _INF), "norm_bias_lr_scale": (0, _INF, "open"), "lr_base_batch": (0, _INF),
     "clip_grad": (0, _INF), "label_smoothing": (0, 1, "open-high"), "infobatch": (0, 1, "open-high"),
     "infobatch_anneal": _P,
@@ -318,7 +357,7 @@ RANGES = {
     "onecycle_pct_start": (0, 1, "open"), "onecycle_div_factor": (0, _INF, "open"),
     "onecycle_final_div_factor": (0, _INF, "open"), "restart_epochs": (0, _INF, "open"), "restart_mult": (1, _INF),
     "poly_power": (0, _INF, "open"),
-    "lsuv_tol": (0, _INF, "open"), "lsuv_max_iter": (1, _INF),
+    "lsuv_tol": (0, _INF, "open"), "lsuv_max_iter": (1, _INF), "init_std": (0, _INF, "open"),
     "ema_decay": (0, 1, "open"), "lookahead_k": (0, _INF), "lookahead_alpha": (0, 1, "open-low"),
     "swa_start": (0, _INF), "swa_lr": (0, _INF, "open"), "swa_anneal_epochs": (0, _INF),
     "hflip": _P, "vflip": _P, "rotate": (0, 180), "prog_resize": (0, _INF), "prog_resize_until": (0, 1, "open-low"),
@@ -329,7 +368,7 @@ RANGES = {
     "adv_eps": _P, "adv_alpha": (0, _INF), "adv_steps": (1, _INF), "awp_gamma": (0, _INF, "open"),
     "awp_start_epoch": (0, _INF), "eval_adv_steps": (1, _INF),
     "tta_shift": (0, _INF), "eval_interval": (1, _INF), "time_budget": (0, _INF), "seed": (0, 2**63 - 1),
-    "data_seed": (0, 2**63 - 1), "ensemble": (1, _INF), "threads": (0, _INF),
+    "data_seed": (0, 2**63 - 1), "ensemble": (1, _INF), "jobs": (1, _INF), "threads": (0, _INF),
 }
 
 
@@ -368,7 +407,8 @@ def get_parser():
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML or JSON file of flag values; command-line flags override it")
-    for add in (_add_data_args, _add_model_args, _add_optim_args, _add_schedule_args, _add_init_args,
+    for add in (_add_data_args, _add_model_args, _add_finetune_args, _add_optim_args, _add_schedule_args,
+                _add_init_args,
                 _add_averaging_args, _add_aug_args, _add_adv_args, _add_run_args):
         add(p)
     return p
@@ -403,7 +443,7 @@ def _typed(path, key, value, action):
     """A config file's value converted and checked as the command line would take it (one line if it cannot)."""
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     kind = "true or false" if isinstance(action, BoolFlag) else {int: "an integer", float: "a number"}.get(
-        action.type, "a string")
+        action.type, getattr(action.type, "expected", "a string"))
     if many:
         kind = f"a list of {action.nargs if isinstance(action.nargs, int) else 'one or more'} " \
                f"{kind.replace('an ', '').replace('a ', '')}s"

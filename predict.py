@@ -4,6 +4,7 @@
     python predict.py --ckpt runs/x/best.pt --list files.txt --out predictions.csv
     python predict.py --ckpt runs/x/best.pt --out predictions.csv [data flags] [--split test]   # a dataset split
     python predict.py --ckpt deploy.onnx --meta deploy.pt --images DIR --out predictions.csv
+    python predict.py --ckpt runs/cv/fold*/last.pt --split test --out predictions.csv   # an ensemble: mean softmax
 
 Preprocessing is evaluation's: images are decoded with load_image at the checkpoint's img_size/in_chans and
 fed as pixels in [0, 1] (normalisation is inside the model). Without --images/--list the data flags default
@@ -22,6 +23,7 @@ from tqdm import tqdm
 import config
 from datasets.files import IMG_EXTENSIONS, load_image
 from engine.checkpoint import load_checkpoint, load_model
+from engine.ensemble import load_ensemble
 from engine.precision import make_precision
 from utils.errors import UserError, run_cli
 from utils.misc import resolve_device, tta_views
@@ -31,9 +33,10 @@ log = logging.getLogger("predict")
 
 def get_parser():
     p = config.tool_parser("Top-k predictions of a checkpoint for image files or a dataset split, as CSV.",
-                           usage="%(prog)s --ckpt PATH [--images DIR | --list FILE | data flags] [options]")
+                           usage="%(prog)s --ckpt PATH [PATH ...] [--images DIR | --list FILE | data flags] [options]")
     g = p.add_argument_group("predict")
-    g.add_argument("--ckpt", metavar="PATH", help="a .pt of train.py / reparam_export.py, or an .onnx")
+    g.add_argument("--ckpt", metavar="PATH", nargs="*",  # "*", not "+": keeps the help line short; 0 = error
+                   help="a .pt or an .onnx file; several .pt: their ensemble")
     g.add_argument("--meta", metavar="PATH", help="for an .onnx --ckpt: the .pt it was exported from")
     g.add_argument("--use_ema", action=config.BoolFlag, help="predict with the checkpoint's EMA weights")
     g.add_argument("--images", metavar="DIR", help="predict every image file under DIR")
@@ -59,10 +62,11 @@ def get_parser():
 # ---------------------------------------------------------------- the model
 
 class TorchPredictor:
-    """A checkpoint's model; `__call__(x_uint8)` returns float logits on the CPU, as evaluate() computes them."""
+    """A checkpoint's model (or an Ensemble of several); `__call__(x_uint8)` returns float logits on the CPU, as
+    evaluate() computes them."""
 
-    def __init__(self, ckpt, use_ema, device, args):
-        self.model, _ = load_model(ckpt, use_ema=use_ema)
+    def __init__(self, model, device, args):
+        self.model = model
         self.prec = make_precision(device, args.amp, args.amp_dtype, args.channels_last)
         self.model.to(device).eval()
         if self.prec.channels_last:
@@ -99,20 +103,29 @@ class OnnxPredictor:
 
 
 def load_predictor(args, device):
-    """(predictor, checkpoint dict holding class_names / model_config / args) for --ckpt (and --meta)."""
-    if args.ckpt.lower().endswith(".onnx"):
+    """(predictor, checkpoint dict holding class_names / model_config / args) for --ckpt (and --meta). Several
+    .pt checkpoints predict as their ensemble (engine/ensemble.py: log of the mean softmax), described by the
+    first."""
+    if len(args.ckpt) > 1:
+        if any(p.lower().endswith(".onnx") for p in args.ckpt):
+            raise UserError("several --ckpt files predict as an ensemble of .pt checkpoints; pass the .pt files "
+                            "instead of their ONNX exports")
+        model, ckpt = load_ensemble(args.ckpt, use_ema=args.use_ema)
+        return TorchPredictor(model, device, args), ckpt
+    path = args.ckpt[0]
+    if path.lower().endswith(".onnx"):
         if args.use_ema:
             raise UserError("--use_ema applies to .pt checkpoints; export the EMA weights with "
                             "reparam_export.py --use_ema --onnx instead")
-        if not os.path.isfile(args.ckpt):
-            raise UserError(f"ONNX file {args.ckpt} does not exist; check --ckpt")
+        if not os.path.isfile(path):
+            raise UserError(f"ONNX file {path} does not exist; check --ckpt")
         if not args.meta:
             raise UserError("an ONNX file holds no class names or input size: pass --meta PATH, the checkpoint "
                             "it was exported from (e.g. the deploy.pt written with it by reparam_export.py)")
         meta = load_checkpoint(args.meta)
-        return OnnxPredictor(args.ckpt), meta
-    ckpt = load_checkpoint(args.ckpt)
-    return TorchPredictor(ckpt, args.use_ema, device, args), ckpt
+        return OnnxPredictor(path), meta
+    ckpt = load_checkpoint(path)
+    return TorchPredictor(load_model(ckpt, use_ema=args.use_ema)[0], device, args), ckpt
 
 
 # ---------------------------------------------------------------- the inputs
@@ -144,20 +157,20 @@ def read_list(path):
     return names, paths
 
 
-def _decode(path, in_chans, img_size):
+def _decode(path, in_chans, img_size, crop_pct=0.0):
     try:
-        return load_image(path, in_chans, img_size)
+        return load_image(path, in_chans, img_size, crop_pct)  # evaluation's preprocessing
     except Exception as e:  # missing file, or PIL's many error types for broken files
         return f"{type(e).__name__}: {e}"
 
 
-def file_batches(names, paths, in_chans, img_size, batch_size, skip_bad, workers, skipped):
+def file_batches(names, paths, in_chans, img_size, batch_size, skip_bad, workers, skipped, crop_pct=0.0):
     """Yield (names, uint8 NCHW batch, None) for the readable files; unreadable ones raise, or with skip_bad are
     counted in `skipped` (a list of names)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = list(zip(names[start:start + batch_size], paths[start:start + batch_size]))
-            decoded = list(pool.map(lambda np_: _decode(np_[1], in_chans, img_size), chunk))
+            decoded = list(pool.map(lambda np_: _decode(np_[1], in_chans, img_size, crop_pct), chunk))
             good = []
             for (name, path), x in zip(chunk, decoded):
                 if isinstance(x, str):
@@ -233,7 +246,7 @@ def main(argv=None):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"folder {out_dir} of --out {args.out} does not exist; create it first")
-    if os.path.realpath(args.out) in {os.path.realpath(p) for p in (args.ckpt, args.meta, args.list) if p}:
+    if os.path.realpath(args.out) in {os.path.realpath(p) for p in (*args.ckpt, args.meta, args.list) if p}:
         raise UserError(f"--out {args.out} is an input file; write the predictions elsewhere")
     device = resolve_device(args.device, args.cuda)
     predictor, ckpt = load_predictor(args, device)
@@ -244,14 +257,22 @@ def main(argv=None):
     # validation split < the data flags given here
     saved = (ckpt.get("args") or {}) if labelled else {}
     data_args = config.training_defaults(saved, config.given_data_flags(args), {"batch_size": args.batch_size})
+    if labelled and data_args.fold == "all":
+        raise UserError("--fold all names no one split; predict one fold's validation split (--fold I) or, with "
+                        "the fold models, the test split (--split test)")
+    if labelled and len(args.ckpt) > 1 and args.split == "val" and data_args.kfold and \
+            len({(load_checkpoint(p).get("args") or {}).get("fold") for p in args.ckpt}) > 1:
+        log.warning(f"--split val is fold {data_args.fold}'s validation split, on which the other fold models "
+                    "trained; use --split test, or --fold all's oof_predictions.csv, for held-out predictions")
 
     skipped = []
     if labelled:
-        batches, total = dataset_batches(data_args, ckpt, args.split, args.ckpt)
+        batches, total = dataset_batches(data_args, ckpt, args.split, args.ckpt[0])
     else:
         names, paths = scan_images(args.images) if args.images else read_list(args.list)
         batches = file_batches(names, paths, cfg["in_chans"], cfg["img_size"], args.batch_size,
-                               data_args.skip_bad_images, data_args.workers, skipped)
+                               data_args.skip_bad_images, data_args.workers, skipped,
+                               crop_pct=(ckpt.get("args") or {}).get("crop_pct", 0.0))
         total = len(paths)
     k = min(args.topk, len(class_names))
     rows, correct = [], 0

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -38,11 +39,13 @@ from engine.optim import OptimizerOptions, build_optimizer, scaled_lr
 from engine.precision import make_precision, set_fp32_precision
 from engine.scheduler import OWN_WARMUP, ScheduleOptions, build_scheduler, plot_lr
 from models import build_model, model_config, model_summary
+from models.pretrained import fetch_weights, load_pretrained, stats_for
 from reporting.report import loader_image_getter, write_eval_report
 from reporting.tb import log_epoch, log_images, make_tb_writer
 from tricks.adversarial import AdvOptions, build_attack, pgd, pgd_eval_defaults
 from tricks.awp import AWP
 from tricks.ema import ModelEMA
+from tricks.freeze import FreezeBackbone
 from tricks.infobatch import InfoBatch, check_infobatch
 from tricks.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
 from tricks.lookahead import Lookahead
@@ -73,6 +76,14 @@ def whitening_batch(data, seed, n=5000):
     return torch.cat(batches)[:n]
 
 
+def schedule_options(args, world_size):
+    """The schedule's options. The linear scaling rule (--lr_base_batch) scales every absolute lr in them
+    (--min_lr, --warmup_lr_init, --cyclic_base_lr; --swa_lr too) by the factor it applies to --lr."""
+    k = scaled_lr(options(OptimizerOptions, args), world_size) / args.lr
+    return options(ScheduleOptions, args, lr=args.lr * k, min_lr=args.min_lr * k,
+                   warmup_lr_init=args.warmup_lr_init * k, cyclic_base_lr=args.cyclic_base_lr * k)
+
+
 def data_options(args):
     """build_data's options from the flags (InfoBatch needs the sample indices with each batch)."""
     return options(DataOptions, args, with_index=args.infobatch > 0)
@@ -84,6 +95,15 @@ def tta_kwargs(args):
 
 
 def check_args(args, distill=False):
+    if args.freeze_epochs and args.freeze_epochs >= args.epochs:
+        raise UserError(f"--freeze_epochs {args.freeze_epochs} leaves no epoch to fine-tune in --epochs "
+                        f"{args.epochs}; freeze for fewer epochs")
+    if args.pretrained and (args.init != "default" or args.zero_init_residual or args.whiten_stem):
+        raise UserError("--init, --zero_init_residual and --whiten_stem would overwrite the pretrained weights; "
+                        "drop them or --pretrained")
+    if args.accum_steps > 1 and args.adv == "awp":
+        raise UserError("--adv awp takes its own gradient inside each step; it does not combine with "
+                        "--accum_steps (use a larger --batch_size)")
     if distill and args.infobatch:
         raise UserError("--infobatch is not supported by train_distill.py (its loss is not per sample); drop it")
     if distill and args.ensemble > 1:
@@ -160,9 +180,15 @@ def setup_run(args):
 def build_model_for(args, data, prec):
     """The model the flags describe, initialised (--init, --zero_init_residual, --whiten_stem) and on the device,
     with its config (saved in every checkpoint) and size."""
-    mcfg = model_config(args.model, data.num_classes, data.in_chans, data.img_size, data.mean, data.std,
-                        args.attention, args.drop_path_rate, args.acb)
+    weights = fetch_weights(args.model, args.pretrained, args.pretrained_use_ema) if args.pretrained else None
+    # normalisation follows the weights' statistics when pretrained, the data's otherwise
+    mean, std = stats_for(weights.stats, data.in_chans) if weights and weights.stats else (data.mean, data.std)
+    mcfg = model_config(args.model, data.num_classes, data.in_chans, data.img_size, mean, std,
+                        args.attention, args.drop_path_rate, args.acb, stem=weights.stem if weights else None)
     model = build_model(**{k: v for k, v in mcfg.items() if k != "reparameterized"})
+    if weights is not None:  # a head trained on other classes (of the same count, too) starts fresh
+        reset = weights.class_names is not None and list(weights.class_names) != list(data.class_names)
+        load_pretrained(model.net, weights.state, weights.source, reset_head=reset)
     params, flops = model_summary(model, data.in_chans, data.img_size)
     log.info(f"model {args.model}: {params / 1e6:.3f} M params, {flops / 1e6:.1f} MFLOPs per image")
     model.to(prec.device)
@@ -170,7 +196,7 @@ def build_model_for(args, data, prec):
         x0 = next(iter(data.train_loader))[0]
         lsuv_init(model, x0.float().div(255), args.lsuv_tol, args.lsuv_max_iter)
     elif args.init != "default":
-        init_weights(model, args.init, args.init_mode, args.init_nonlinearity)
+        init_weights(model, args.init, args.init_mode, args.init_nonlinearity, std=args.init_std)
     if args.zero_init_residual:
         log.info(f"zero-init residual: {zero_init_residual(model)} blocks")  # after LSUV, which resets norms
     if args.whiten_stem:
@@ -191,8 +217,9 @@ def wrap_for_training(model, args, dist, prec):
     if dist.enabled:
         if args.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[prec.device.index] if prec.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(  # a frozen backbone sends no gradients for a while
+            model, device_ids=[prec.device.index] if prec.device.type == "cuda" else None,
+            find_unused_parameters=args.freeze_epochs > 0)
     return torch.compile(model) if args.compile else model
 
 
@@ -202,7 +229,7 @@ def draw_only(args, data, dist):
         if args.time_budget:
             log.warning(f"--plot_lr draws the schedule for --epochs {args.epochs}; under --time_budget the run "
                         "fits it to the epochs that fit (cosine/onecycle/poly), known only while it runs")
-        return plot_lr(options(ScheduleOptions, args), len(data.train_loader), args.output_dir,
+        return plot_lr(schedule_options(args, dist.world_size), len(data.train_loader), args.output_dir,
                        lr=scaled_lr(options(OptimizerOptions, args), dist.world_size))
     from reporting.preview import save_aug_preview
     path = os.path.join(args.output_dir, "aug_preview.png")
@@ -225,7 +252,7 @@ def main(args, build_loss=None):
     data = build_data(data_options(args), rank=dist.rank, world_size=dist.world_size, device=prec.device)
     if args.tta_shift >= data.img_size:
         raise UserError(f"--tta_shift {args.tta_shift} moves a {data.img_size}-pixel image out of view; use 1-2 px")
-    steps_per_epoch = len(data.train_loader)
+    steps_per_epoch = math.ceil(len(data.train_loader) / args.accum_steps)  # optimizer steps
     if args.plot_lr or args.preview_aug:
         return draw_only(args, data, dist)
     if args.eval_only:
@@ -240,7 +267,7 @@ def main(args, build_loss=None):
         log.info(f"linear scaling rule: lr {args.lr} x {args.batch_size * dist.world_size}/{args.lr_base_batch}"
                  f" = {lr:.5g}")
     optimizer = build_optimizer(model, options(OptimizerOptions, args), lr)
-    sched = build_scheduler(optimizer, options(ScheduleOptions, args), steps_per_epoch)
+    sched = build_scheduler(optimizer, schedule_options(args, dist.world_size), steps_per_epoch)
     scaler = prec.scaler()
     class_weights = (inverse_frequency_weights(data.train_labels, data.num_classes).to(prec.device)
                      if args.class_weights == "auto" else None)
@@ -248,7 +275,8 @@ def main(args, build_loss=None):
 
     # ---- tricks: each is an object or None ---------------------------------------------------
     ema = ModelEMA(model, args.ema_decay, args.ema_warmup) if args.ema else None  # before DDP/compile
-    swa = SWA(model, optimizer, args.swa_start, args.swa_lr, args.swa_anneal_epochs) if args.swa else None
+    swa = SWA(model, optimizer, args.swa_start, args.swa_lr * lr / args.lr, args.swa_anneal_epochs) \
+        if args.swa else None  # --swa_lr scaled as --lr is
     for line in describe_aug(data_options(args)):
         log.info(f"aug: {line}")
     tricks = StepTricks(
@@ -258,10 +286,10 @@ def main(args, build_loss=None):
         prune=(InfoBatch(len(data.train_labels), args.infobatch, args.infobatch_anneal, args.seed, prec.device)
                if args.infobatch else None),
         lookahead=Lookahead(model, args.lookahead_k, args.lookahead_alpha) if args.lookahead_k else None,
-        ema=ema, clip_grad=args.clip_grad, sched_steps=steps_per_epoch)
-    extra_summary = {}
-    if build_loss is not None:
-        criterion, tricks.teacher, extra_summary = build_loss(args, data, prec, criterion)
+        ema=ema, clip_grad=args.clip_grad, accum_steps=args.accum_steps, sched_steps=steps_per_epoch,
+        freeze=FreezeBackbone(model, args.freeze_epochs) if args.freeze_epochs else None)
+    criterion, tricks.teacher, extra_summary = (build_loss(args, data, prec, criterion) if build_loss is not None
+                                                else (criterion, None, {}))  # train_distill.py's loss
     robust = functools.partial(pgd, **pgd_eval_defaults(args.adv_eps, args.eval_adv_steps)) \
         if args.eval_adv == "pgd" else None
     # checkpoint and resume loop over these: a name, state_dict() and load_state_dict() each
@@ -303,7 +331,8 @@ def main(args, build_loss=None):
         epoch_tricks = dataclasses.replace(
             tricks, side=side if args.prog_resize else None,
             mix=None if args.mix_off_epoch and epoch + 1 >= args.mix_off_epoch else tricks.mix,  # epochs from 1
-            awp=tricks.awp if epoch >= args.awp_start_epoch else None)
+            awp=tricks.awp if epoch >= args.awp_start_epoch else None,
+            freeze=tricks.freeze if tricks.freeze is not None and tricks.freeze.begin_epoch(epoch) else None)
         stats = train_one_epoch(train_model, data.train_loader, optimizer, None if swa_on else sched, criterion,
                                 scaler, prec, epoch, epoch_tricks, progress=progress)
         run.train_seconds += stats["epoch_seconds"]
@@ -322,8 +351,8 @@ def main(args, build_loss=None):
             planned = replan(budget, epoch, epochs, resize_cost(epoch + 1, epochs) * len(data.train_loader)
                              / steps_per_epoch, cost, args.time_budget)
             if planned != epochs:
-                sched = stateful["scheduler"] = replan_schedule(sched, optimizer, options(ScheduleOptions, args),
-                                                                steps_per_epoch, planned)
+                sched = stateful["scheduler"] = replan_schedule(
+                    sched, optimizer, schedule_options(args, dist.world_size), steps_per_epoch, planned)
                 epochs = planned
         last = epoch + 1 == epochs
         if last or (epoch + 1) % args.eval_interval == 0:
@@ -421,10 +450,14 @@ def save_run(args, dist, prec, model, mcfg, class_names, stateful, run, budget):
 def restore_run(path, mcfg, model, stateful, dist):
     """--resume: load the weights and every stateful part back; returns the RunState to continue from."""
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt.get("model_config"), dict) or not isinstance(ckpt.get("metrics"), dict) \
-            or "epoch" not in ckpt:
+    m = ckpt.get("metrics")
+    if not isinstance(ckpt.get("model_config"), dict) or not isinstance(m, dict) or "epoch" not in ckpt:
         raise UserError(f"{path} is not a train.py last.pt (it lacks model_config, epoch or metrics); evaluate a "
                         f"finished model with --eval_only --ckpt {path}, or start a new run")
+    if not (isinstance(ckpt["epoch"], int) and ckpt["epoch"] >= 0 and isinstance(m.get("history"), list)
+            and isinstance(ckpt.get("best_val_acc", 0.0), (int, float)) and isinstance(ckpt.get("rng"), dict)):
+        raise UserError(f"{path} has a damaged training state (epoch, metrics history, best accuracy or random "
+                        f"state of the wrong type); resume from an untouched last.pt or start a new run")
     if ckpt["model_config"] != mcfg:
         raise UserError(f"{path} was trained with model settings {ckpt['model_config'].get('name')}/"
                         f"{ckpt['model_config'].get('num_classes')} classes that differ from these flags; "
@@ -439,7 +472,6 @@ def restore_run(path, mcfg, model, stateful, dist):
         log.warning(f"{path} was saved by {len(rng)} process(es), this run has {dist.world_size}: "
                     f"random augmentation streams restart from --seed")
     log.info(f"resumed from {path} at epoch {ckpt['epoch']}")
-    m = ckpt["metrics"]
     return RunState(epoch=ckpt["epoch"], best_acc=ckpt["best_val_acc"], history=m["history"],
                     train_seconds=m.get("train_seconds", 0.0), planned_epochs=m.get("planned_epochs"),
                     wall_seconds=m.get("wall_seconds"))
@@ -549,6 +581,9 @@ def run_ensemble(args, prec, started, evaluate):
 
 def run(args, build_loss=None, script="train.py"):
     """main() for the command line: an interrupted run (Ctrl-C, SIGTERM) says what it kept and how to go on."""
+    if args.fold == "all" or args.jobs > 1:  # --kfold K --fold all: every fold, then out-of-fold predictions
+        import crossval
+        return crossval.main(args, lambda fold_args: main(fold_args, build_loss), script)
     try:
         return main(args, build_loss)
     except (KeyboardInterrupt, Interrupted) as e:

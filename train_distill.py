@@ -1,6 +1,7 @@
 """Knowledge distillation (Hinton et al. 2015) on train.py's loop: only the loss differs.
 
     python train_distill.py --teacher_ckpt runs/teacher/best.pt --model resnet8 --kd_temperature 4 --kd_alpha 0.5
+    python train_distill.py --config configs/distill_seed.yaml --teacher_ckpt runs/T/best.pt   # the seed's KD
 
 The teacher (architecture, normalisation, class names) comes from its checkpoint, runs in eval mode
 under no_grad and sees exactly the student's batch, after augmentation and mixing. Every train.py flag works.
@@ -15,6 +16,7 @@ from datasets import inverse_frequency_weights
 from engine.checkpoint import load_model
 from tricks.kd import DistillationLoss
 from utils.errors import UserError, run_cli
+from utils.flags import BoolFlag
 from utils.misc import resize_square
 
 log = logging.getLogger("train")
@@ -25,7 +27,7 @@ def get_parser():
     p.description = "Train a student with knowledge distillation from a teacher checkpoint."
     g = p.add_argument_group("knowledge distillation")
     g.add_argument("--teacher_ckpt", default=None, help="checkpoint written by train.py (required)")
-    g.add_argument("--teacher_use_ema", action="store_true", help="use the teacher checkpoint's EMA weights")
+    g.add_argument("--teacher_use_ema", action=BoolFlag, help="use the teacher checkpoint's EMA weights")
     g.add_argument("--kd_temperature", type=float, default=4.0, help="softmax temperature T")
     g.add_argument("--kd_alpha", type=float, default=0.5,
                    help="weight of the hard-label cross-entropy; 1 - alpha weighs T^2 * KL")

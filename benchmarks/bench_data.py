@@ -31,6 +31,7 @@ from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
 from reporting.environment import describe, environment, write_json  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.flags import BoolFlag
 
 
 class PILDataset(Dataset):
@@ -79,7 +80,7 @@ def main():
     p.add_argument("--workers", default="0,2", help="comma list of DataLoader worker counts (per-sample paths)")
     p.add_argument("--crop_padding", type=int, default=2)
     p.add_argument("--hflip", type=float, default=0.5)
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 batches, 2 steps, 2 rounds")
+    p.add_argument("--quick", action=BoolFlag, help="smoke run: 4 batches, 2 steps, 2 rounds")
     p.add_argument("--out", default="bench_out/data.json")
     b = p.parse_args()
     if b.quick:

@@ -5,7 +5,7 @@ bench_loop.py); every worker warms up, waits for a common start signal, then tim
 throughput = all workers' images / (last end - first start). The configurations alternate for --rounds rounds
 (noisy machine). ~3-4 min on a quiet 2-core machine with the defaults.
     python benchmarks/bench_ensemble.py                       # airnet_m, batch 128, bf16 autocast (best.yaml)
-    python benchmarks/bench_ensemble.py --no-amp --model resnet20
+    python benchmarks/bench_ensemble.py --no_amp --model resnet20
 """
 import argparse
 import json
@@ -18,6 +18,8 @@ import time
 
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+from utils.flags import BoolFlag  # noqa: E402
 
 
 def worker(b):
@@ -59,7 +61,7 @@ def run_config(b, n, threads):
     """n concurrent workers of `threads` threads each: aggregate images/s."""
     with tempfile.TemporaryDirectory() as sync:
         cmd = [sys.executable, HERE, "--worker", "--sync", sync, "--threads", str(threads), "--model", b.model,
-               "--batch_size", str(b.batch_size), "--steps", str(b.steps), "--amp" if b.amp else "--no-amp"]
+               "--batch_size", str(b.batch_size), "--steps", str(b.steps), "--amp" if b.amp else "--no_amp"]
         procs = [subprocess.Popen([*cmd, "--index", str(i)], stdout=subprocess.PIPE, text=True) for i in range(n)]
         while not all(os.path.exists(os.path.join(sync, f"ready{i}")) for i in range(n)):
             if any(p.poll() not in (None, 0) for p in procs):
@@ -79,9 +81,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--threads", type=int, default=2, help="the machine's threads, shared by the workers")
     p.add_argument("--members", default="1,2", help="comma list of worker counts to compare")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
+    p.add_argument("--amp", action=BoolFlag, default=True, help="bf16 autocast")
     p.add_argument("--out", default="bench_out/ensemble.json")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action=BoolFlag, help=argparse.SUPPRESS)
     p.add_argument("--sync", help=argparse.SUPPRESS)
     p.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     b = p.parse_args()

@@ -33,6 +33,7 @@ from tricks.lookahead import Lookahead  # noqa: E402
 from tricks.mix import build_mixer  # noqa: E402
 from tricks.prog_resize import check_any_size  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.flags import BoolFlag
 
 
 class FixedBatches:
@@ -74,9 +75,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="steps per timed run")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--amp", action=BoolFlag, default=False,
                    help="bf16 autocast (train.py's --amp; off by default, as in train.py)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels_last", action=BoolFlag, default=True)
     p.add_argument("--tricks", default="all", help="comma list of tricks to time, or 'none' / 'all'")
     p.add_argument("--out", default="bench_out/loop.json")
     b = p.parse_args(argv)

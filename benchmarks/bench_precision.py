@@ -5,7 +5,7 @@ train.py's `train_one_epoch` on fixed pre-gathered batches (as bench_loop.py); e
 setting, alternating round by round in one process; compile time reported apart. bf16 paid 2.2x+ on AMX
 Xeons and on an AMD Zen 4 (AVX512-BF16, no AMX) but lost on an AVX512-BF16 Xeon, so the CPU's ISA goes in the
 JSON's environment. Quiet 2-core machine: ~5-7 min (~3 of it compiling on a cold Inductor cache, far less warm);
---quick (resnet8, 2 steps, 1 round): ~1-2 min cold, seconds with --no-compile.
+--quick (resnet8, 2 steps, 1 round): ~1-2 min cold, seconds with --no_compile.
     python benchmarks/bench_precision.py
     python benchmarks/bench_precision.py --quick
 """
@@ -28,13 +28,14 @@ from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
 from reporting.environment import describe, environment, write_json  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.flags import BoolFlag
 
 # name -> (amp, channels_last, compile, fp32 conv/matmul math, the train.py flags that select it)
 VARIANTS = {
-    "fp32 NCHW": (False, False, False, "ieee", "--no-channels_last"),
+    "fp32 NCHW": (False, False, False, "ieee", "--no_channels_last"),
     "fp32 channels_last": (False, True, False, "ieee", "(default)"),
     "fp32 bf16-math channels_last": (False, True, False, "bf16", "--fp32_precision bf16"),
-    "bf16 NCHW": (True, False, False, "ieee", "--amp --no-channels_last"),
+    "bf16 NCHW": (True, False, False, "ieee", "--amp --no_channels_last"),
     "bf16 channels_last": (True, True, False, "ieee", "--amp"),
     "compile fp32 channels_last": (False, True, True, "ieee", "--compile"),
 }
@@ -47,9 +48,9 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="steps per timed run")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--threads", default="1,2", help="comma list of torch.set_num_threads settings")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--compile", action=BoolFlag, default=True,
                    help="include the torch.compile variant (compiled once per model and thread setting)")
-    p.add_argument("--quick", action="store_true", help="smoke run: resnet8, 2 steps, 1 round")
+    p.add_argument("--quick", action=BoolFlag, help="smoke run: resnet8, 2 steps, 1 round")
     p.add_argument("--out", default="bench_out/precision.json")
     b = p.parse_args()
     if b.quick:

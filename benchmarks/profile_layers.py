@@ -28,6 +28,7 @@ from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
 from reporting.environment import describe, environment, write_json  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.flags import BoolFlag
 
 
 def conv_macs(conv, out_shape):
@@ -85,8 +86,8 @@ def main():
     p.add_argument("--model", default="airnet_m")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one untimed warm-up pass)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--amp", action=BoolFlag, default=False, help="bf16 autocast")
+    p.add_argument("--channels_last", action=BoolFlag, default=True)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--out", default="bench_out/profile_layers.json")
     b = p.parse_args()

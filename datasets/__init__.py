@@ -76,6 +76,8 @@ class DataOptions:
     vflip: float
     workers: int
     with_index: bool = False  # batches also carry sample indices (InfoBatch scores them)
+    classes: list[str] | None = None  # only these classes (names or indices), relabelled 0..k-1
+    crop_pct: float = 0.0  # file datasets: evaluate on centre crops, train on random-resized crops
 
 FILE_DEFAULT_SIZE, FILE_DEFAULT_CHANS, DEFAULT_VAL_RATIO = 64, 3, 0.2
 
@@ -97,6 +99,9 @@ class Data:
     train_labels: torch.Tensor  # int64, the training split (class weights, balanced sampler)
     train_images: torch.Tensor  # uint8 NCHW for in-memory datasets, else None
     val_name: str  # "val" or "test": what the validation loader evaluates
+    # validation carved from train (--val_ratio, --kfold): each validation sample's index into the dataset's
+    # training split, in the validation loader's order (out-of-fold predictions name samples by it); else None
+    val_index: np.ndarray | None = None
 
 
 def _mean_std(s1, s2, count):
@@ -135,6 +140,35 @@ def convert_uint8(images, in_chans, img_size, chunk=4096):
     return torch.cat(out)
 
 
+def select_classes(splits, class_names, wanted):
+    """Only the classes `wanted` (names, or indices into class_names), relabelled 0..k-1 in class_names order."""
+    index = {str(c): i for i, c in enumerate(class_names)}
+    keep = set()
+    for w in wanted:
+        if str(w) in index:
+            keep.add(index[str(w)])
+        elif str(w).isdigit() and int(w) < len(class_names):
+            keep.add(int(w))
+        else:
+            raise UserError(f"--classes {w}: no such class; the classes are {', '.join(map(str, class_names))} "
+                            f"(or their indices 0-{len(class_names) - 1})")
+    keep = sorted(keep)
+    if len(keep) < 2:
+        raise UserError("--classes needs at least two classes")
+    remap = np.full(len(class_names), -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    out = {}
+    for name, split in splits.items():
+        if split is None:
+            out[name] = None
+            continue
+        labels = np.asarray(split[1])
+        idx = np.flatnonzero(remap[labels] >= 0)
+        items, _ = _take(split, idx)
+        out[name] = (items, remap[labels[idx]])
+    return out, [class_names[i] for i in keep]
+
+
 def _take(split, idx):
     items, labels = split
     if isinstance(items, torch.Tensor):
@@ -143,7 +177,8 @@ def _take(split, idx):
 
 
 def resolve_splits(splits, class_names, cfg):
-    """Final {"train", "val", "test"} splits and the validation split's name.
+    """Final {"train", "val", "test"} splits, the validation split's name and, when validation is carved from
+    train, each validation sample's index into the training split (else None).
 
     --val_ratio / --kfold carve validation from train; the dataset's own held-out split then
     becomes the test split. Otherwise a given val split is used, else the test split validates
@@ -165,13 +200,15 @@ def resolve_splits(splits, class_names, cfg):
             log.warning("validation is carved from train: the dataset's val split is not used")
         held_out = test if test is not None else val
         train, val, test = _take(train, carve[0]), _take(train, carve[1]), held_out
-        val_name = "val"
+        val_name, val_index = "val", carve[1]
     elif val is not None:
-        val_name = "val"
+        val_name, val_index = "val", None
     else:
-        val, test, val_name = test, None, "test"
+        val, test, val_name, val_index = test, None, "test", None
     train = _take(train, stratified_subset(train[1], cfg.train_subset, seed))
-    val = _take(val, stratified_subset(val[1], cfg.eval_subset, seed))
+    val_keep = stratified_subset(val[1], cfg.eval_subset, seed)
+    val = _take(val, val_keep)
+    val_index = None if val_index is None else val_index[val_keep]
     if test is not None:
         test = _take(test, stratified_subset(test[1], cfg.eval_subset, seed))
     seen = set(np.unique(train[1]).tolist())
@@ -185,7 +222,7 @@ def resolve_splits(splits, class_names, cfg):
                 raise UserError(f"{name} class(es) {', '.join(class_names[c] for c in unseen[:5])} "
                                 f"have no training images; add some, or check the train split "
                                 f"(--train_list, --train_subset)")
-    return {"train": train, "val": val, "test": test}, val_name
+    return {"train": train, "val": val, "test": test}, val_name, val_index
 
 
 def _check_flags(cfg):
@@ -200,6 +237,9 @@ def _check_flags(cfg):
     if cfg.hflip_mode == "alternate" and cfg.dataset not in IN_MEMORY:
         raise UserError(f"--hflip_mode alternate needs an in-memory dataset ({', '.join(IN_MEMORY)}); "
                         f"use --hflip_mode random with --dataset {cfg.dataset}")
+    if getattr(cfg, "crop_pct", 0.0) and (cfg.dataset in IN_MEMORY or (cfg.img_size or FILE_DEFAULT_SIZE) < 64):
+        raise UserError("--crop_pct is the evaluation preset for file datasets (imagefolder, csv) at --img_size "
+                        ">= 64; drop it here")
 
 
 def build_data(cfg, rank=0, world_size=1, device="cpu"):
@@ -216,7 +256,9 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
     else:
         in_chans, img_size = cfg.in_chans or FILE_DEFAULT_CHANS, cfg.img_size or FILE_DEFAULT_SIZE
         splits, class_names, pixel_sums = load_file_dataset(cfg, in_chans, img_size)
-    splits, val_name = resolve_splits(splits, class_names, cfg)
+    if getattr(cfg, "classes", None):
+        splits, class_names = select_classes(splits, class_names, cfg.classes)
+    splits, val_name, val_index = resolve_splits(splits, class_names, cfg)
     num_classes = len(class_names)
     train_items, train_labels = splits["train"]
     train_labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
@@ -239,8 +281,9 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
         sums = np.stack([pixel_sums[p] for p in train_items]).sum(0)
         mean, std = _mean_std(sums[0], sums[1], len(train_items) * img_size * img_size)
         train_images = None
+        crop_pct = getattr(cfg, "crop_pct", 0.0)
         train_set = ImageFileDataset(train_items, train_labels.tolist(), in_chans, img_size,
-                                     build_train_transform(cfg, in_chans))
+                                     build_train_transform(cfg, in_chans, img_size), crop_pct, train=True)
         train_loader = make_file_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                         drop_last=True, rank=rank, world_size=world_size,
                                         device=device, sampler_weights=weights,
@@ -248,7 +291,7 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
                                         with_index=getattr(cfg, "with_index", False))
 
         def eval_loader(split):
-            return make_file_loader(ImageFileDataset(split[0], split[1], in_chans, img_size),
+            return make_file_loader(ImageFileDataset(split[0], split[1], in_chans, img_size, crop_pct=crop_pct),
                                     cfg.batch_size, shuffle=False, seed=cfg.seed, rank=rank,
                                     world_size=world_size, device=device, workers=cfg.workers,
                                     worker_init_fn=seed_worker)
@@ -261,4 +304,4 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
                 test_loader=eval_loader(test) if test is not None else None,
                 num_classes=num_classes, class_names=list(class_names), in_chans=in_chans,
                 img_size=img_size, mean=mean, std=std, train_labels=train_labels,
-                train_images=train_images, val_name=val_name)
+                train_images=train_images, val_name=val_name, val_index=val_index)

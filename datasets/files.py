@@ -20,8 +20,11 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def load_image(path, in_chans, img_size):
-    """Decode `path` fully into a uint8 (in_chans, img_size, img_size) tensor."""
+def load_image(path, in_chans, img_size, crop_pct=0.0, center_crop=True):
+    """Decode `path` fully into a uint8 (in_chans, img_size, img_size) tensor: squashed to the square, or with
+    crop_pct (the anchors' evaluation preset) resized with its aspect kept to a shorter side of
+    img_size / crop_pct and centre-cropped to img_size (center_crop=False: to that shorter side, for a
+    training-side random-resized crop)."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)  # a loaded copy, upright as the camera meant it
     if img.mode == "P" and "transparency" in img.info:
@@ -32,24 +35,33 @@ def load_image(path, in_chans, img_size):
         wide = np.asarray(img, dtype=np.float64) / 257.0
         img = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), mode="L")
     img = img.convert("L" if in_chans == 1 else "RGB")
-    if img.size != (img_size, img_size):
+    if crop_pct:
+        side = round(img_size / crop_pct)
+        scale = side / min(img.size)
+        img = img.resize((max(side, round(img.width * scale)), max(side, round(img.height * scale))),
+                         Image.BILINEAR)
+        crop = img_size if center_crop else side
+        left, top = (img.width - crop) // 2, (img.height - crop) // 2
+        img = img.crop((left, top, left + crop, top + crop))
+    elif img.size != (img_size, img_size):
         img = img.resize((img_size, img_size), Image.BILINEAR)  # PIL antialiases when shrinking
-    return torch.from_numpy(np.array(img)).reshape(img_size, img_size, in_chans).permute(2, 0, 1)
+    return torch.from_numpy(np.array(img)).reshape(img.height, img.width, in_chans).permute(2, 0, 1)
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
     """(uint8 CHW tensor, int label) pairs decoded from image files; `transform` maps uint8 CHW to
     uint8 CHW (the per-sample training augmentation) and is None for evaluation."""
 
-    def __init__(self, paths, labels, in_chans, img_size, transform=None):
+    def __init__(self, paths, labels, in_chans, img_size, transform=None, crop_pct=0.0, train=False):
         self.paths, self.labels = list(paths), [int(y) for y in labels]
         self.in_chans, self.img_size, self.transform = in_chans, img_size, transform
+        self.crop_pct, self.train = crop_pct, train  # crop_pct: training images keep the larger square
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        x = load_image(self.paths[i], self.in_chans, self.img_size)
+        x = load_image(self.paths[i], self.in_chans, self.img_size, self.crop_pct, center_crop=not self.train)
         if self.transform is not None:
             x = self.transform(x)
         return x, self.labels[i]

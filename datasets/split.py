@@ -45,6 +45,9 @@ def check_split_flags(val_ratio, kfold, fold):
         raise UserError(f"--kfold {kfold} must be at least 2 (0 = off)")
     if kfold and val_ratio:
         raise UserError("--val_ratio and --kfold both carve a validation split; pass only one")
+    if fold == "all":
+        raise UserError("--fold all trains every fold: run it through train.py (crossval.py), or pick one "
+                        "fold with --fold I")
     if kfold and not 0 <= fold < kfold:
         raise UserError(f"--fold {fold} is out of range for --kfold {kfold}; use 0..{kfold - 1}")
     if not kfold and fold:

@@ -3,8 +3,11 @@
 `build_train_transform` gives a torchvision.transforms.v2 pipeline for one uint8 CHW image (file datasets);
 `build_batch_augment` gives the same augmentations on whole uint8 NCHW batches (in-memory datasets), with
 crop, flips, colour, Cutout (DeVries & Taylor 2017) and Random Erasing (Zhong et al. 2020) vectorised in
-datasets/batch_aug.py and the rest run per sample. `--aug_backend imgaug` builds an imgaug Sequential instead.
+datasets/batch_aug.py and the rest run per sample. `--aug_backend imgaug` builds an imgaug Sequential instead;
+`--imgaug_preset seed` puts the original project's imgaug Sequential first, value for value (RGB; see inline).
 """
+import argparse
+import dataclasses
 import logging
 import random
 import sys
@@ -25,6 +28,10 @@ PERSPECTIVE_DISTORTION = 0.5         # torchvision's default distortion_scale
 RRC_RATIO = (3 / 4, 4 / 3)
 AUTO_AUGMENTS = {"autoaugment": v2.AutoAugment, "randaugment": v2.RandAugment,
                  "trivialaugment": v2.TrivialAugmentWide, "augmix": v2.AugMix}
+# --imgaug_preset seed: the original project's pipeline, value for value (build_imgaug_sequence, describe)
+SEED_FLIPLR, SEED_FLIPUD = 0.5, 0.5
+SEED_BLUR_SIGMA = (0.0, 0.1)
+SEED_BRIGHTNESS_MUL = (0.65, 1.35)
 
 
 # ---------------------------------------------------------------- flags
@@ -76,6 +83,9 @@ def describe(cfg):
     on = []
     if _uses_imgaug(cfg):
         on.append(f"backend imgaug (preset {cfg.imgaug_preset})")
+    if cfg.imgaug_preset == "seed":
+        on.append(f"imgaug seed preset: Fliplr p={SEED_FLIPLR}, Flipud p={SEED_FLIPUD}, GaussianBlur "
+                  f"sigma={SEED_BLUR_SIGMA}, MultiplyBrightness mul={SEED_BRIGHTNESS_MUL} (1-channel: Multiply)")
     if cfg.random_resized_crop > 0:
         on.append(f"random_resized_crop scale=({cfg.random_resized_crop}, 1)")
     if cfg.crop_padding > 0:
@@ -231,9 +241,12 @@ def build_imgaug_sequence(cfg, in_chans, h, w):
     iaa = import_imgaug()
     augs = []
     if cfg.imgaug_preset == "seed":
-        # the original pipeline; MultiplyBrightness needs RGB, on one channel brightness is a plain multiply
-        bright = iaa.MultiplyBrightness((0.8, 1.2)) if in_chans == 3 else iaa.Multiply((0.8, 1.2))
-        augs += [iaa.Fliplr(0.5), iaa.Flipud(0.5), iaa.GaussianBlur(sigma=(0.0, 1.0)), bright]
+        # The original project's Sequential, exactly, on RGB. MultiplyBrightness needs RGB: on one channel it is
+        # a plain Multiply, pixel for pixel what its YCrCb/HSV/HLS/YUV draws do to a grey image (its Lab/Luv
+        # draws differ by up to ~10 levels).
+        bright = (iaa.MultiplyBrightness(mul=SEED_BRIGHTNESS_MUL) if in_chans == 3
+                  else iaa.Multiply(mul=SEED_BRIGHTNESS_MUL))
+        augs += [iaa.Fliplr(SEED_FLIPLR), iaa.Flipud(SEED_FLIPUD), iaa.GaussianBlur(sigma=SEED_BLUR_SIGMA), bright]
     if cfg.random_resized_crop > 0:
         # approximation: crop each side by up to q of the size and resize back, so area >= SCALE_MIN
         q = (1 - cfg.random_resized_crop ** 0.5) / 2
@@ -337,16 +350,27 @@ def _check_channels(cfg, in_chans):
         log.warning("--color_jitter: saturation and hue do not apply to 1-channel images; using B and C only")
 
 
-def build_train_transform(cfg, in_chans):
-    """Per-sample train transform uint8 CHW -> uint8 CHW (file datasets), or None if nothing is enabled."""
+def build_train_transform(cfg, in_chans, img_size=None):
+    """Per-sample train transform uint8 CHW -> uint8 CHW (file datasets), or None if nothing is enabled. With
+    --crop_pct the images arrive as larger squares and a random-resized crop to img_size comes first."""
     validate(cfg)
     _check_channels(cfg, in_chans)
+    if getattr(cfg, "crop_pct", 0.0):
+        rrc = v2.RandomResizedCrop((img_size, img_size), scale=(cfg.random_resized_crop or 0.08, 1.0),
+                                   ratio=RRC_RATIO, antialias=True)
+        rest = argparse.Namespace(**{**_fields(cfg), "random_resized_crop": 0.0, "crop_pct": 0.0})
+        then = build_train_transform(rest, in_chans, img_size)
+        return rrc if then is None else v2.Compose([rrc, then])
     if not _any_enabled(cfg):
         return None
     if _uses_imgaug(cfg):
         _check_imgaug(cfg, in_chans)
         return ImgaugTransform(cfg, in_chans)
     return PerSampleTransform(cfg, in_chans)
+
+
+def _fields(cfg):
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
 
 
 def build_batch_augment(cfg, in_chans):

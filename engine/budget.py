@@ -6,7 +6,8 @@ from the mean wall time of the last few epochs (training, checkpoint, logging) a
 once one has run; before that, estimated from the share of forward passes). When the plan changes, schedules
 whose shape depends on the run's length (cosine, onecycle, poly) are rebuilt for the new length and moved to
 the current iteration, so the learning rate from then on is exactly that of a run started with --epochs E;
-the others (step, multistep, exponential, plateau, cyclic, cosine_restarts, constant) just end sooner.
+the others (step, multistep, exponential, multiplicative, plateau, cyclic, cosine_restarts, constant) just
+end sooner.
 Once the planned last epoch has trained the run ends, even if the machine sped up: its schedule has annealed.
 The epoch count then depends on the machine's speed: a budgeted run is not reproducible across machines.
 """

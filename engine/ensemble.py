@@ -88,12 +88,12 @@ def train_members(script, config_path, out_dir, n, seed, data_seed, threads, log
         while True:
             done = [p.poll() is not None for p in procs]
             for i in range(n):
-                offsets[i] = _forward_lines(logs[i], offsets[i], f"[m{i}] ", log)
+                offsets[i] = forward_lines(logs[i], offsets[i], f"[m{i}] ", log)
             failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
             if failed:
                 i = failed[0]
                 raise UserError(f"ensemble member {i} failed (exit code {procs[i].returncode}: "
-                                f"{_last_line(logs[i])}); its output is in {logs[i]}")
+                                f"{last_line(logs[i])}); its output is in {logs[i]}")
             if all(done):
                 return dirs
             time.sleep(poll)
@@ -104,13 +104,13 @@ def train_members(script, config_path, out_dir, n, seed, data_seed, threads, log
                 p.wait()
 
 
-def _last_line(path):
+def last_line(path):
     with open(path, "rb") as f:
         lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
     return lines[-1] if lines else "no output"
 
 
-def _forward_lines(path, offset, prefix, log):
+def forward_lines(path, offset, prefix, log):
     """Log the complete lines written to `path` since `offset` (progress-bar redraws dropped); new offset."""
     with open(path, "rb") as f:
         f.seek(offset)

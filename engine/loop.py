@@ -5,6 +5,7 @@ Every trick enters `train_one_epoch` at one visible call point, in this order: p
 (InfoBatch's per-sample weights: `prune`), backward, clipping, optimizer and scaler step, schedule, `lookahead`,
 `ema`. train.py builds the tricks (each None when off) and hands them over in one `StepTricks`.
 """
+import contextlib
 import functools
 import math
 import time
@@ -35,10 +36,13 @@ class StepTricks:
     teacher: distillation, criterion(logits, y, teacher_logits). prune: InfoBatch (tricks/infobatch.py): the loader
     yields sample indices too and the loss is its weighted per-sample mean. lookahead, ema: stepped after every
     optimizer step. side: train at side x side (progressive resizing). clip_grad: max global grad norm (0 = off).
+    freeze: the head-only phase of fine-tuning (tricks/freeze.py), which keeps the frozen BatchNorms in eval mode.
+    accum_steps: gradients of K micro-batches summed before each optimizer step (the schedule, EMA, lookahead and
+    clipping count optimizer steps; under DDP the inner micro-batches skip the gradient all-reduce).
     Two loop settings: sched_steps, schedule steps per full epoch (an epoch of fewer batches, pruned, steps the
-    schedule proportionally more often so each epoch ends where a full one would; None = len(loader)), and
-    sync_every, steps between host syncs for the non-finite-loss check (None: 1 on the CPU, where a sync is free,
-    SYNC_EVERY elsewhere, where .item() every step would stall the device queue).
+    schedule proportionally more often so each epoch ends where a full one would; None = its optimizer steps),
+    and sync_every, batches between host syncs for the non-finite-loss check (None: 1 on the CPU, where a sync
+    is free, SYNC_EVERY elsewhere, where .item() every step would stall the device queue).
     """
     mix: Callable | None = None
     attack: Any = None
@@ -50,6 +54,8 @@ class StepTricks:
     ema: Any = None
     side: int | None = None
     clip_grad: float = 0.0
+    freeze: Any = None
+    accum_steps: int = 1
     sched_steps: int | None = None
     sync_every: int | None = None
 
@@ -78,12 +84,15 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
     t = tricks or StepTricks()
     unwrapped = unwrap(model)
     model.train()
+    if t.freeze is not None:
+        t.freeze.set_modes(unwrapped)  # linear probing: the frozen backbone's BatchNorms keep their statistics
     sync_every = t.sync_every or (1 if prec.device.type == "cpu" else SYNC_EVERY)
     loss_sum = torch.zeros((), dtype=torch.float64, device=prec.device)
     correct = torch.zeros((), dtype=torch.int64, device=prec.device)
     seen, t0 = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
-    num_steps = len(loader)
+    num_batches, accum = len(loader), t.accum_steps
+    num_steps = math.ceil(num_batches / accum)  # optimizer steps this epoch
     sched_steps = t.sched_steps or num_steps
     took_step = [False]
     hook = optimizer.register_step_post_hook(lambda *_: took_step.__setitem__(0, True))
@@ -104,20 +113,30 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
             with prec.autocast():
                 t.awp.perturb(x, y, t.attack_loss)  # weights w -> w + v (worst case near w)
 
-        optimizer.zero_grad(set_to_none=True)
-        with prec.autocast():
-            logits = model(x)
-            if t.prune is not None:
-                loss = t.prune.batch_loss(criterion(logits, y, reduction="none"), idx[0])
-            else:
-                loss = criterion(logits, y) if t.teacher is None else criterion(logits, y, teacher_logits)
-        n = y.shape[0]
-        loss_sum += loss.detach().double() * n
-        if (step + 1) % sync_every == 0 and not dist_utils.all_finite(loss_sum.item(), prec.device):
-            raise _non_finite(epoch, step, sync_every)  # on every rank together (all_finite is a collective)
-        scaler.scale(loss).backward()
+        k, micro = divmod(step, accum)  # optimizer step k, its micro-batch `micro`
+        group = min(accum, num_batches - k * accum)  # micro-batches summed into step k
+        if micro == 0:
+            optimizer.zero_grad(set_to_none=True)
+        stepping = micro + 1 == group
+        # inner micro-batches of DDP skip the gradient all-reduce; the last one reduces the sum
+        with contextlib.nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
+            with prec.autocast():
+                logits = model(x)
+                if t.prune is not None:
+                    loss = t.prune.batch_loss(criterion(logits, y, reduction="none"), idx[0])
+                else:
+                    loss = criterion(logits, y) if t.teacher is None else criterion(logits, y, teacher_logits)
+            n = y.shape[0]
+            loss_sum += loss.detach().double() * n
+            if (step + 1) % sync_every == 0 and not dist_utils.all_finite(loss_sum.item(), prec.device):
+                raise _non_finite(epoch, step, sync_every)  # on every rank together (all_finite is a collective)
+            scaler.scale(loss / group).backward()  # the mean over the step's micro-batches, as one big batch
         if t.awp is not None:
             t.awp.restore()  # back to w exactly: the gradient taken at w + v is applied at w
+        correct += topk_hits(logits.detach(), y, topk=(1,))[0]
+        seen += n
+        if not stepping:
+            continue
         if t.clip_grad > 0:
             scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
@@ -128,15 +147,12 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         # too, so they count only the steps the weights took (known from the optimizer's hook: no host sync)
         stepped = took_step[0]
         if sched is not None and stepped:
-            for _ in range((step + 1) * sched_steps // num_steps - step * sched_steps // num_steps):
+            for _ in range((k + 1) * sched_steps // num_steps - k * sched_steps // num_steps):
                 sched.step()  # once per step, unless the epoch is shorter than sched_steps
         if t.lookahead is not None and stepped:
             t.lookahead.step()  # every k-th step: slow += alpha (fast - slow); fast = slow
         if t.ema is not None and stepped:
             t.ema.update(unwrapped)
-
-        correct += topk_hits(logits.detach(), y, topk=(1,))[0]
-        seen += n
         if progress and step % max(10, sync_every) == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
     hook.remove()

@@ -4,13 +4,19 @@ Linear scaling rule: lr proportional to the global batch size (Goyal et al. 2017
 Norm-bias lr scale (airbench, Jordan 2024): normalisation-layer biases get lr x S and weight decay / S, so their
 decay per step (lr x wd) is unchanged while they move S times faster.
 For adam/adamw, --momentum is beta1 (0.9, Adam's default); --nesterov applies to SGD only.
+Fine-tuning: layer-wise lr decay (lr x G^depth from the head, stages from the model's top-level children) and
+the head's own lr scale.
 """
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from models.pretrained import classifier_head
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -28,6 +34,8 @@ class OptimizerOptions:
     norm_bias_lr_scale: float
     opt: str
     weight_decay: float
+    layer_decay: float = 1.0
+    head_lr_scale: float = 1.0
 
 
 def param_groups_no_bias_decay(model, weight_decay):
@@ -68,6 +76,8 @@ def build_optimizer(model, cfg, lr):
         params = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     if cfg.norm_bias_lr_scale != 1:
         params = scale_norm_bias_lr(params, model, lr, cfg.norm_bias_lr_scale)
+    if cfg.layer_decay != 1 or cfg.head_lr_scale != 1:
+        params = scale_lr_by_depth(params, getattr(model, "net", model), lr, cfg.layer_decay, cfg.head_lr_scale)
     if cfg.opt == "sgd":
         if cfg.nesterov and cfg.momentum <= 0:
             raise UserError("Nesterov SGD needs --momentum > 0; pass a momentum or --no_nesterov")
@@ -77,6 +87,50 @@ def build_optimizer(model, cfg, lr):
         cls = torch.optim.Adam if cfg.opt == "adam" else torch.optim.AdamW  # Adam: L2; AdamW: decoupled
         return cls(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
     raise UserError(f"unknown --opt {cfg.opt!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def param_depths(net):
+    """{parameter id: depth from the classifier head}: the head's stage 0, and the top-level stages of `net`
+    counted back from it; leading single layers (the stem's conv and norm) form one stage, and parameters owned
+    by `net` itself (a ViT's position embedding) count as the deepest. Returns (depths, stage names)."""
+    head = classifier_head(net)
+    stages = []  # [name, [modules]]
+    for name, child in net.named_children():
+        if not any(True for _ in child.parameters()):
+            continue
+        leaf = not any(True for _ in child.children())
+        if leaf and stages and stages[-1][2] and not any(m is head for m in stages[-1][1]) and child is not head:
+            stages[-1][0] += f"+{name}"  # stem layers together
+            stages[-1][1].append(child)
+        else:
+            stages.append([name, [child], leaf and child is not head])
+    top = next((i for i, (_, mods, _) in enumerate(stages) if any(h is head for m in mods for h in m.modules())),
+               len(stages) - 1)
+    depths = {id(p): len(stages) for p in net.parameters()}
+    for i, (_, mods, _) in enumerate(stages):
+        for m in mods:
+            for p in m.parameters():
+                depths[id(p)] = max(top - i, 0)
+    return depths, [(name, max(top - i, 0)) for i, (name, _, _) in enumerate(stages)]
+
+
+def scale_lr_by_depth(groups, net, lr, layer_decay, head_lr_scale):
+    """Layer-wise lr decay (BEiT, Bao et al. 2022; ELECTRA, Clark et al. 2020): each parameter's lr x
+    layer_decay ^ (its depth from the head); the head's lr x head_lr_scale. Splits `groups` by factor."""
+    if not 0 < layer_decay <= 1 or head_lr_scale <= 0:
+        raise UserError(f"--layer_decay {layer_decay:g} must be in (0, 1] and --head_lr_scale {head_lr_scale:g} > 0")
+    depths, stages = param_depths(net)
+    head = {id(p) for p in classifier_head(net).parameters()}
+    log.info("lr by stage: " + ", ".join(f"{name} x{layer_decay ** d * (head_lr_scale if d == 0 else 1):.3g}"
+                                         for name, d in stages))
+    out = []
+    for group in groups:
+        by_factor = {}
+        for p in group["params"]:
+            factor = layer_decay ** depths[id(p)] * (head_lr_scale if id(p) in head else 1.0)
+            by_factor.setdefault(factor, []).append(p)
+        out += [{**group, "params": ps, "lr": group.get("lr", lr) * f} for f, ps in by_factor.items()]
+    return out
 
 
 def scaled_lr(cfg, world_size):

@@ -1,7 +1,9 @@
 """Learning-rate schedules by name over torch.optim.lr_scheduler, stepped per iteration, after a linear warmup
 (Goyal et al. 2017): cosine and cosine_restarts (SGDR, Loshchilov & Hutter 2017), step, multistep, exponential,
-plateau, cyclic (Smith 2017), onecycle (Smith & Topin 2019), poly, constant. Deviations: no momentum
+multiplicative, plateau, cyclic (Smith 2017), onecycle (Smith & Topin 2019), poly, constant. Deviations: no momentum
 cycling; step/multistep decays count epochs from the start of training, other schedules start after warmup.
+multiplicative (the seed's MultiplicativeLR, x gamma per epoch) multiplies once per epoch, at the epoch boundaries
+after warmup, not by gamma^(1/steps_per_epoch) per iteration: each epoch's lr is MultiplicativeLR's to the bit.
 """
 import logging
 import os
@@ -14,7 +16,7 @@ from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("cosine", "step", "multistep", "exponential", "plateau", "cyclic", "onecycle",
+SCHEDULERS = ("cosine", "step", "multistep", "exponential", "multiplicative", "plateau", "cyclic", "onecycle",
               "cosine_restarts", "poly", "constant")
 
 
@@ -131,6 +133,8 @@ def _build_main(name, optimizer, cfg, spe, n_iters, warmup, peaks):
         return lrs.MultiStepLR(optimizer, _after_warmup(milestones, cfg, warmup, spe), gamma=cfg.gamma)
     if name == "exponential":
         return lrs.ExponentialLR(optimizer, gamma=cfg.gamma ** (1.0 / spe))  # --gamma is per epoch
+    if name == "multiplicative":
+        return EpochMultiplicativeLR(optimizer, cfg.gamma, spe)
     if name == "cyclic":
         if cfg.cyclic_base_lr > min(peaks):
             raise UserError(f"--cyclic_base_lr {cfg.cyclic_base_lr:g} is above the peak lr {min(peaks):g}; "
@@ -140,6 +144,10 @@ def _build_main(name, optimizer, cfg, spe, n_iters, warmup, peaks):
                             step_size_up=_iters(cfg.cyclic_step_epochs, spe, "cyclic_step_epochs"),
                             mode=cfg.cyclic_mode, gamma=cfg.gamma ** (1.0 / spe), cycle_momentum=False)
     if name == "onecycle":
+        rise = cfg.onecycle_pct_start * n_iters  # OneCycleLR divides by rise - 1 and by n_iters - rise
+        if rise <= 1 or n_iters - rise < 1:
+            raise UserError(f"--scheduler onecycle over {n_iters} steps leaves no room for its rise and fall "
+                            f"(--onecycle_pct_start {cfg.onecycle_pct_start:g}); train more steps or pick cosine")
         return lrs.OneCycleLR(optimizer, max_lr=peaks, total_steps=n_iters, pct_start=cfg.onecycle_pct_start,
                               div_factor=cfg.onecycle_div_factor,
                               final_div_factor=cfg.onecycle_final_div_factor, cycle_momentum=False)
@@ -153,6 +161,26 @@ def _build_main(name, optimizer, cfg, spe, n_iters, warmup, peaks):
     if name == "constant":
         return lrs.LambdaLR(optimizer, lambda t: 1.0)
     raise AssertionError(name)
+
+
+class EpochMultiplicativeLR(lrs.LRScheduler):
+    """torch's MultiplicativeLR with a constant factor `gamma` per epoch, stepped per iteration: x gamma once every
+    `steps_per_epoch` steps. The lr is recomputed from the peak by the same repeated multiplication MultiplicativeLR
+    does, so epoch e gets its lr * gamma * ... * gamma to the bit; unlike MultiplicativeLR it does not read the
+    current lr, so it starts from the peak after SequentialLR's warmup (which leaves the lr one step short of it).
+    """
+
+    def __init__(self, optimizer, gamma, steps_per_epoch):
+        self.gamma, self.steps_per_epoch = gamma, steps_per_epoch
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        out = []
+        for lr in self.base_lrs:
+            for _ in range(self.last_epoch // self.steps_per_epoch):
+                lr = lr * self.gamma
+            out.append(lr)
+        return out
 
 
 def _poly_factor(peak, min_lr, n_iters, power):

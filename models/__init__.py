@@ -11,7 +11,7 @@ from models.airnet import airnet, airnet_m, airnet_m3, airnet_mc, airnet_s
 from models.cbam import CBAM
 from models.coord_att import CoordAtt
 from models.eca import ECA
-from models.mlp import mlp_student, mlp_teacher
+from models.mlp import mlp_student, mlp_student_seed, mlp_teacher
 from models.mobilenet import mobilenetv2
 from models.repvgg import REPVGG_MODELS
 from models.resnet_cifar import (
@@ -56,6 +56,7 @@ MODELS = {
     "vgg_plain": vgg_plain,
     "mlp_teacher": mlp_teacher,
     "mlp_student": mlp_student,
+    "mlp_student_seed": mlp_student_seed,  # the seed's 2 x 20 distillation student
     **REPVGG_MODELS,        # repvgg_a0, repvgg_a1, repvgg_b0 and the plain twin repvgg_a0_plain
 }
 
@@ -85,8 +86,17 @@ class ImageClassifier(nn.Module):
 
 
 def build_model(name, num_classes, in_chans, img_size, mean, std, attention="none", drop_path_rate=0.0,
-                acb=False):
-    """Registry net `name` inside an ImageClassifier; attention and drop path go into its residual blocks."""
+                acb=False, stem=None):
+    """Registry net `name` (or `timm/NAME`: any timm architecture) inside an ImageClassifier; attention and drop
+    path go into its residual blocks. stem="standard" keeps torchvision's 7x7/2 stem + max-pool at any size (for
+    its pretrained weights); None picks it by img_size."""
+    if name.startswith("timm/"):
+        if attention != "none" or acb:
+            raise UserError(f"--attention and --acb rebuild this repository's blocks; {name} takes neither "
+                            f"(drop them, or pick a timm architecture that has them built in)")
+        return ImageClassifier(_timm_net(name[len("timm/"):], num_classes, in_chans, drop_path_rate), mean, std)
+    if stem is not None and name not in ("resnet18", "resnet34", "resnet50"):
+        raise UserError(f"a standard stem applies to torchvision's resnet18/34/50, not {name}")
     if name not in MODELS:
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
     if attention not in ATTENTIONS:
@@ -101,19 +111,38 @@ def build_model(name, num_classes, in_chans, img_size, mean, std, attention="non
                         f"got mean={tuple(mean)}, std={tuple(std)}")
 
     net = MODELS[name](num_classes, in_chans, img_size, attn_layer=ATTENTIONS[attention],
-                       drop_path_rate=drop_path_rate)
+                       drop_path_rate=drop_path_rate, **({"stem": stem} if stem is not None else {}))
     if acb:
         from models.acb import convert_to_acb  # imported here: only --acb runs need it
         convert_to_acb(net, name)
     return ImageClassifier(net, mean, std)
 
 
+def _timm_net(name, num_classes, in_chans, drop_path_rate):
+    """A timm architecture, randomly initialised (pretrained weights are loaded by models/pretrained.py)."""
+    try:
+        import timm
+    except ImportError:
+        raise UserError("--model timm/NAME needs timm: pip install timm") from None
+    if not timm.is_model(name):
+        raise UserError(f"timm has no model {name!r}; list them with python -c 'import timm; "
+                        f"print(timm.list_models())'")
+    extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **extra)
+    except TypeError as e:
+        raise UserError(f"timm's {name} does not take these settings ({e}); drop --drop_path_rate") from None
+
+
 def model_config(name, num_classes, in_chans, img_size, mean, std, attention="none", drop_path_rate=0.0,
-                 acb=False):
+                 acb=False, stem=None):
     """The `model_config` dict stored in checkpoints; `model_from_config` rebuilds the model from it."""
-    return {"name": name, "num_classes": int(num_classes), "in_chans": int(in_chans), "img_size": int(img_size),
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "attention": attention,
-            "drop_path_rate": float(drop_path_rate), "acb": bool(acb), "reparameterized": False}
+    cfg = {"name": name, "num_classes": int(num_classes), "in_chans": int(in_chans), "img_size": int(img_size),
+           "mean": [float(m) for m in mean], "std": [float(s) for s in std], "attention": attention,
+           "drop_path_rate": float(drop_path_rate), "acb": bool(acb), "reparameterized": False}
+    if stem is not None:
+        cfg["stem"] = stem
+    return cfg
 
 
 def model_from_config(cfg):
@@ -123,7 +152,8 @@ def model_from_config(cfg):
         raise UserError(f"checkpoint model_config lacks {', '.join(missing)}; was it written by this repository?")
     model = build_model(cfg["name"], cfg["num_classes"], cfg["in_chans"], cfg["img_size"], cfg["mean"],
                         cfg["std"], attention=cfg.get("attention", "none"),
-                        drop_path_rate=cfg.get("drop_path_rate", 0.0), acb=cfg.get("acb", False))
+                        drop_path_rate=cfg.get("drop_path_rate", 0.0), acb=cfg.get("acb", False),
+                        stem=cfg.get("stem"))
     if cfg.get("reparameterized"):
         from models.reparam import reparameterize_model  # imported here: only deploy checkpoints need it
         model = reparameterize_model(model)

@@ -2,7 +2,8 @@
 
 Blocks subclass torchvision's BasicBlock/Bottleneck, so state-dict keys match torchvision's. Deviations:
 for img_size <= 64 the stem is a 3x3 stride-1 conv without max-pool (the 7x7/2 conv + max-pool would
-shrink 28 px to 7 px before layer1); larger inputs keep the standard stem. `in_chans` sets the stem input.
+shrink 28 px to 7 px before layer1); larger inputs, and stem="standard" (torchvision's pretrained weights, at
+any size), keep the standard stem. `in_chans` sets the stem input.
 """
 from torch import nn
 from torchvision.models import resnet as tv
@@ -52,9 +53,9 @@ class Bottleneck(tv.Bottleneck):
         nn.init.zeros_(self.bn3.weight)
 
 
-def resnet_tv(block, layers, num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0):
+def resnet_tv(block, layers, num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0, stem=None):
     model = tv.ResNet(block, layers, num_classes=num_classes)
-    if img_size <= 64:
+    if stem != "standard" and img_size <= 64:
         model.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     else:
@@ -77,13 +78,13 @@ def resnet_tv(block, layers, num_classes, in_chans, img_size, attn_layer=None, d
     return model
 
 
-def resnet18(num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0):
-    return resnet_tv(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, img_size, attn_layer, drop_path_rate)
+def resnet18(num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0, stem=None):
+    return resnet_tv(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, img_size, attn_layer, drop_path_rate, stem)
 
 
-def resnet34(num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0):
-    return resnet_tv(BasicBlock, [3, 4, 6, 3], num_classes, in_chans, img_size, attn_layer, drop_path_rate)
+def resnet34(num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0, stem=None):
+    return resnet_tv(BasicBlock, [3, 4, 6, 3], num_classes, in_chans, img_size, attn_layer, drop_path_rate, stem)
 
 
-def resnet50(num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0):
-    return resnet_tv(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, img_size, attn_layer, drop_path_rate)
+def resnet50(num_classes, in_chans, img_size, attn_layer=None, drop_path_rate=0.0, stem=None):
+    return resnet_tv(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, img_size, attn_layer, drop_path_rate, stem)

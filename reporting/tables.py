@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from utils.errors import UserError, run_cli
+from utils.flags import BoolFlag
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "results"
 # Every row names where and how it was measured (the commit is optional); a provenance column with one value
@@ -109,7 +110,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Regenerate the Markdown tables of docs/results/*.md from their CSVs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dir", default=str(RESULTS_DIR), help="folder of the result pages and their CSVs")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")
+    p.add_argument("--check", action=BoolFlag, help="write nothing; exit 1 if a page is out of date")
     args = p.parse_args(argv)
     problems = sync(args.dir, check=args.check)
     for line in problems:

@@ -337,5 +337,12 @@ def test_every_shipped_config_validates(name, tmp_path):
         spec = ablate.load_spec(path)
         variants, runs = ablate.plan(spec, str(tmp_path / "o"), ablate.seed_list(spec["seeds"]), 1)
         assert len(runs) == len(variants) * len(ablate.seed_list(spec["seeds"]))
+    elif name.startswith("tune_"):
+        import tune
+        assert tune.load_space(path)  # a search space for tune.py
+    elif name.startswith("distill_"):
+        import train_distill
+        train.check_args(config.parse_args(["--config", path, "--teacher_ckpt", "t.pt"],
+                                           parser=train_distill.get_parser()), distill=True)
     else:
         train.check_args(config.parse_args(["--config", path]))

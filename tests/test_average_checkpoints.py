@@ -12,6 +12,7 @@ from torch import nn
 import config
 import datasets
 import models
+from models.drop_path import DropPath
 from tools.average_checkpoints import average_state_dicts, main
 from utils.errors import UserError
 
@@ -178,6 +179,48 @@ def test_cli_update_bn_uses_the_runs_data(tmp_path, monkeypatch):
     assert int(sd["0.num_batches_tracked"]) == 3
     ins = [torch.load(p, weights_only=True)["model"] for p in paths]
     torch.testing.assert_close(sd["3.weight"], weighted_mean([s["3.weight"] for s in ins], [1, 1]).float())
+
+
+def noisy_model():
+    """Dropout before the first BatchNorm, DropPath before the second (no parameters of their own)."""
+    return nn.Sequential(nn.Dropout(0.5), nn.BatchNorm2d(2), DropPath(0.5), nn.BatchNorm2d(2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+
+
+def test_cli_update_bn_runs_with_dropout_and_drop_path_off(tmp_path, monkeypatch):
+    paths = []
+    for i in range(2):
+        torch.manual_seed(i)
+        m = noisy_model()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_()
+        paths.append(str(tmp_path / f"n{i}.pt"))
+        torch.save({"model": m.state_dict(), "model_config": {"name": "noisy"}, "args": {}}, paths[-1])
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (8, 2, 4, 4), generator=g, dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+               for _ in range(3)]
+    monkeypatch.setattr(datasets, "build_data", lambda args: types.SimpleNamespace(train_loader=batches),
+                        raising=False)
+    monkeypatch.setattr(models, "model_from_config", lambda cfg: noisy_model(), raising=False)
+    out = str(tmp_path / "avg.pt")
+    main([*paths, "--out", out, "--update_bn", "--device", "cpu"])
+    sd = torch.load(out, weights_only=True)["model"]
+    # By hand, Dropout and DropPath as the identity: BN 1 sees the pixels; BN 2 sees BN 1's train-mode output
+    # (each batch normalised by its own statistics, then the averaged γ, β); momentum=None averages the batches.
+    F = torch.nn.functional
+    w1, b1 = sd["1.weight"].double(), sd["1.bias"].double()
+    stats = {1: [], 3: []}
+    for x, _ in batches:
+        x = x.double() / 255
+        h = F.batch_norm(x, None, None, w1, b1, training=True, eps=1e-5)
+        for i, f in ((1, x), (3, h)):
+            stats[i].append((f.mean(dim=(0, 2, 3)), f.var(dim=(0, 2, 3), unbiased=True)))
+    for i, s in stats.items():
+        torch.testing.assert_close(sd[f"{i}.running_mean"].double(), torch.stack([m for m, _ in s]).mean(0),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sd[f"{i}.running_var"].double(), torch.stack([v for _, v in s]).mean(0),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_cli_data_flags_given_override_the_checkpoints(tmp_path, monkeypatch):

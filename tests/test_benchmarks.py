@@ -37,7 +37,7 @@ def _checked(path):
 @needs_fmnist
 def test_bench_loop_every_trick(tmp_path):
     res, out = _run("bench_loop.py", tmp_path, "--model", "resnet8", "--batch_size", "8", "--steps", "2",
-                    "--rounds", "1", "--no-amp")
+                    "--rounds", "1", "--no_amp")
     rows = {r["variant"]: r for r in res["rows"]}
     assert {"bare loop", "train.py (no tricks)", "ema", "lookahead k5", "mixup", "cutmix", "awp", "pgd-3",
             "kd teacher resnet56", "se", "cbam", "eca", "ca", "fgsm", "drop_path 0.1", "prog_resize 16 px",
@@ -90,7 +90,7 @@ def test_bench_data_quick(tmp_path):
 
 @needs_fmnist
 def test_bench_precision_quick(tmp_path):
-    res, _ = _run("bench_precision.py", tmp_path, "--quick", "--no-compile", "--threads", "1", "--batch_size", "8")
+    res, _ = _run("bench_precision.py", tmp_path, "--quick", "--no_compile", "--threads", "1", "--batch_size", "8")
     variants = {r["variant"] for r in res["rows"]}
     from engine.precision import bf16_conv_math_active
     bf16_math = {"fp32 bf16-math channels_last"} if bf16_conv_math_active() else set()
@@ -107,7 +107,7 @@ def test_bench_precision_quick(tmp_path):
 @needs_fmnist
 def test_bench_ensemble_quick(tmp_path):
     res, out = _run("bench_ensemble.py", tmp_path, "--model", "resnet8", "--batch_size", "16", "--steps", "2",
-                    "--rounds", "1", "--no-amp")
+                    "--rounds", "1", "--no_amp")
     rows = {r["processes"]: r for r in res["rows"]}
     assert set(rows) == {1, 2} and rows[1]["threads_each"] == 2 and rows[2]["threads_each"] == 1
     assert rows[1]["vs_first"] == 1.0

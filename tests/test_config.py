@@ -79,3 +79,13 @@ def test_older_boolean_keys_still_read(tmp_path):
     path.write_text("no_bias_decay: true\nno_progress: false\n")
     args = config.parse_args(["--config", str(path)])
     assert args.bias_decay is False and args.progress is True
+
+
+def test_every_script_uses_the_one_boolean_flag():
+    """No parser in the repository spells a boolean another way (store_true, BooleanOptionalAction's --no-x)."""
+    import pathlib
+    root = pathlib.Path(config.__file__).resolve().parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if "tests" not in p.parts and "runs" not in
+                 p.parts and ('action="store_true"' in p.read_text() or "=argparse.BooleanOptionalAction" in
+                              p.read_text())]
+    assert not offenders, offenders

@@ -1,4 +1,5 @@
-"""imgaug backend on numpy 2, and per-worker seeding: valid uint8, exact flips/crops, reproducible seeds."""
+"""imgaug backend on numpy 2, and per-worker seeding: valid uint8, exact flips/crops, reproducible seeds; the seed
+preset is the seed's Sequential, parameter for parameter and pixel for pixel."""
 import os
 import random
 import subprocess
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from config import parse_args
 from datasets import batch_aug as B
 from datasets.imgaug_compat import import_imgaug
-from datasets.transforms import build_batch_augment, build_train_transform, seed_worker
+from datasets.transforms import build_batch_augment, build_imgaug_sequence, build_train_transform, describe, seed_worker
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,55 @@ def test_imgaug_backend_gives_uint8_tensors(c, argv):
         assert np.bool is np.bool_
     else:
         assert not hasattr(np, "bool")
+
+
+def _seed_sequential(iaa):
+    """The seed's pipeline, as the seed wrote it."""
+    return iaa.Sequential([iaa.Fliplr(0.5), iaa.Flipud(0.5), iaa.GaussianBlur(sigma=(0.0, 0.1)),
+                           iaa.MultiplyBrightness(mul=(0.65, 1.35))])
+
+
+def _uniform_bounds(param):
+    return param.a.value, param.b.value
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_seed_preset_has_the_seeds_parameters(c):
+    iaa = import_imgaug()
+    seq = build_imgaug_sequence(parse_args(["--imgaug_preset", "seed"]), c, 16, 16)
+    fliplr, flipud, blur, bright = seq
+    assert isinstance(fliplr, iaa.Fliplr) and fliplr.p.p.value == 0.5
+    assert isinstance(flipud, iaa.Flipud) and flipud.p.p.value == 0.5
+    assert isinstance(blur, iaa.GaussianBlur) and _uniform_bounds(blur.sigma) == (0.0, 0.1)
+    if c == 3:
+        assert type(bright) is iaa.MultiplyBrightness
+        multiply = bright.children[0]  # MultiplyBrightness multiplies the brightness channel with a Multiply
+    else:
+        multiply = bright  # one channel: Multiply itself (MultiplyBrightness needs RGB)
+    assert type(multiply) is iaa.Multiply and _uniform_bounds(multiply.mul) == (0.65, 1.35)
+    assert multiply.per_channel.value == 0
+
+
+def test_seed_preset_output_equals_the_seeds_sequential_for_the_same_imgaug_seed():
+    iaa = import_imgaug()
+    images = np.random.default_rng(0).integers(0, 256, (16, 20, 20, 3), dtype=np.uint8)
+    ours = build_imgaug_sequence(parse_args(["--imgaug_preset", "seed"]), 3, 20, 20)
+    seen = set()
+    for seed in range(3):
+        theirs = _seed_sequential(iaa)
+        ours.seed_(seed)
+        theirs.seed_(seed)
+        out = ours(images=images)
+        np.testing.assert_array_equal(out, theirs(images=images))
+        seen.add(out.tobytes())
+    assert len(seen) == 3 and not np.array_equal(out, images)
+
+
+def test_seed_preset_is_in_the_run_log():
+    lines = describe(parse_args(["--imgaug_preset", "seed"]))
+    line = next(line for line in lines if "seed preset" in line)
+    for value in ("Fliplr p=0.5", "Flipud p=0.5", "sigma=(0.0, 0.1)", "MultiplyBrightness mul=(0.65, 1.35)"):
+        assert value in line, line
 
 
 @pytest.mark.parametrize("auto,c", [("augmix", 3), ("autoaugment", 3), ("randaugment", 1)])

@@ -1,4 +1,5 @@
-"""Weight initialisation: orthogonality, Xavier/Kaiming std formulas, biases and norms, LSUV, zero-γ residuals."""
+"""Weight initialisation: orthogonality, Xavier/Kaiming/normal/uniform std formulas, the seed's scheme with its quirk,
+biases and norms, LSUV (Dropout/DropPath off while measuring), zero-γ residuals."""
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 import config
+from models.drop_path import DropPath
 from tricks.init import INITS, init_weights, lsuv_init, zero_init_residual
 from utils.errors import UserError
 
@@ -59,16 +61,116 @@ def _mixed_net():
     return net
 
 
-@pytest.mark.parametrize("init", [i for i in INITS if i not in ("default", "dirac")])  # dirac: own tests
+@pytest.mark.parametrize("init", [i for i in INITS if i not in ("default", "dirac", "seed")])  # own tests
 def test_biases_zero_and_norms_identity(init):
     net = _mixed_net()
-    assert init_weights(net, init) == 2
+    assert init_weights(net, init, std=0.05) == 2
     for m in net:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             assert torch.all(m.bias == 0)
             assert not torch.all(m.weight == 3.0)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+
+def _sample_std_tolerance(std, n):
+    """5 standard errors of the sample std of n iid normal draws (sigma / sqrt(2n)): fails by chance ~1e-6."""
+    return 5 * std / math.sqrt(2 * n)
+
+
+@pytest.mark.parametrize("init", ["normal", "uniform"])
+@pytest.mark.parametrize("S", [0.01, 0.2])
+def test_normal_and_uniform_use_init_std(init, S):
+    torch.manual_seed(0)
+    conv, fc = nn.Conv2d(32, 64, 5), nn.Linear(800, 300)
+    for layer in (conv, fc):
+        init_weights(layer, init, std=S)
+        w = layer.weight.detach().double()
+        n = w.numel()
+        # N(0, S) has std S; U(-S, S) has std S / sqrt(3) and never leaves [-S, S]
+        want = S if init == "normal" else S / math.sqrt(3)
+        assert abs(w.std().item() - want) < _sample_std_tolerance(want, n)
+        assert abs(w.mean().item()) < 5 * want / math.sqrt(n)
+        if init == "uniform":
+            assert w.abs().max().item() <= S
+        assert torch.all(layer.bias == 0)
+
+
+def test_normal_and_uniform_need_a_positive_std():
+    with pytest.raises(ValueError, match="std"):
+        init_weights(nn.Linear(3, 3), "normal")
+    with pytest.raises(UserError, match="init_std"):
+        init_weights(nn.Linear(3, 3), "uniform", std=0.0)
+    with pytest.raises(UserError, match="init_std"):
+        config.parse_args(["--init", "normal", "--init_std", "0"])
+    assert config.parse_args([]).init_std > 0
+
+
+class _SeedNet(nn.Module):
+    """What the seed's weights_init meets: a conv with a bias, a large Linear, a BatchNorm whose γ/β the model set
+    itself (as airnet's zero γ), a fresh BatchNorm, and a conv without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 5)                      # fan_in 400, fan_out 800
+        self.bn = nn.BatchNorm2d(32)
+        self.fresh_bn = nn.BatchNorm2d(8)
+        self.conv_nobias = nn.Conv2d(32, 8, 3, bias=False)    # fan_in 288, fan_out 72
+        self.fc = nn.Linear(1000, 500)
+        with torch.no_grad():
+            self.bn.weight.fill_(0.5)
+            self.bn.bias.fill_(-0.25)
+            self.fc.bias.fill_(3.0)
+
+
+def test_seed_init_is_the_seeds_weights_init_as_it_ran():
+    torch.manual_seed(0)
+    net = _SeedNet()
+    assert init_weights(net, "seed", nonlinearity="relu") == 3  # the seed's xavier_normal_ has gain 1 regardless
+    # convs: Xavier-normal, std = sqrt(2 / (fan_in + fan_out)), and the bias exactly 0.3
+    for conv, fan_in, fan_out in ((net.conv, 16 * 25, 32 * 25), (net.conv_nobias, 32 * 9, 8 * 9)):
+        w = conv.weight.detach().double()
+        want = math.sqrt(2.0 / (fan_in + fan_out))
+        assert abs(w.std().item() - want) < _sample_std_tolerance(want, w.numel())
+    assert torch.all(net.conv.bias == 0.3)
+    assert net.conv_nobias.bias is None
+    # Linear: normal_(w, 0, 0.1), bias 0
+    w = net.fc.weight.detach().double()
+    assert abs(w.std().item() - 0.1) < _sample_std_tolerance(0.1, w.numel())
+    assert abs(w.mean().item()) < 5 * 0.1 / math.sqrt(w.numel())
+    assert torch.all(net.fc.bias == 0)
+    # the quirk: the seed's BatchNorm branch never ran, so norm layers keep what the model set (here 0.5 / -0.25),
+    # and a fresh BatchNorm keeps torch's 1 / 0, which is the scheme's intended value
+    assert torch.all(net.bn.weight == 0.5) and torch.all(net.bn.bias == -0.25)
+    assert torch.all(net.fresh_bn.weight == 1) and torch.all(net.fresh_bn.bias == 0)
+    # every other scheme resets norm layers, so the quirk is specific to "seed"
+    init_weights(net, "xavier_normal")
+    assert torch.all(net.bn.weight == 1)
+
+
+def test_seed_init_matches_a_hand_written_copy_of_the_seeds_function():
+    def seed_weights_init(m):  # the seed's code, with the branch that could not run left out
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_normal_(m.weight.data)
+            nn.init.constant_(m.bias.data, 0.3)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight.data, 0, 0.1)
+            m.bias.data.zero_()
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
+                             nn.Linear(8 * 4 * 4, 20), nn.ReLU(), nn.Linear(20, 10))
+
+    torch.manual_seed(3)
+    ours = net()
+    theirs = net()
+    theirs.load_state_dict(ours.state_dict())
+    torch.manual_seed(4)
+    init_weights(ours, "seed")
+    torch.manual_seed(4)
+    theirs.apply(seed_weights_init)  # apply() visits children first, model.modules() parents first: same order here
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
 def test_default_keeps_the_model_as_built():
@@ -140,6 +242,73 @@ def test_lsuv_brings_every_output_variance_to_one(bn):
     for n in names:
         assert abs(measured[n] - 1) < 0.1, (n, measured[n])
         assert final[n] == pytest.approx(measured[n], rel=1e-4)
+
+
+class _NoisyNet(nn.Module):
+    """A residual block with DropPath on its branch and Dropout(0.5) before the head, BatchNorm throughout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1))
+        self.drop_path = DropPath(0.5)
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.drop_path(self.branch(x)))
+        return self.head(self.dropout(nn.functional.max_pool2d(x, 2).flatten(1)))
+
+
+def _deterministic_output_vars(model, batch):
+    """The test's own deterministic forward: every module in train mode, then Dropout and DropPath in eval."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, DropPath)):
+            m.eval()
+    return _output_vars_as_set(model, batch)
+
+
+def _output_vars_as_set(model, batch):
+    """Variance of every conv/linear output over one forward pass in the model's current modes, in forward order."""
+    out = {}
+
+    def record(name, o):
+        out.setdefault(name, o.var().item())
+
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: record(n, o))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(batch)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_lsuv_measures_with_dropout_and_drop_path_off_and_restores_every_mode():
+    torch.manual_seed(0)
+    model = _NoisyNet()
+    batch = torch.rand(64, 1, 12, 12)
+    model.eval()
+    model.dropout.train()  # a mixed state: each module's own mode must come back, not one model-wide mode
+    modes = {n: m.training for n, m in model.named_modules()}
+    stats = {k: v.clone() for k, v in model.named_buffers()}
+    final = lsuv_init(model, batch, tol=0.1, max_iter=10)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(v, stats[k], rtol=0, atol=0)
+    torch.manual_seed(1)  # the deterministic forward does not depend on the RNG
+    measured = _deterministic_output_vars(model, batch)
+    assert list(final) == ["stem", "branch.0", "branch.3", "head"] == list(measured)
+    for n, v in measured.items():
+        assert abs(v - 1) < 0.1, (n, v)
+        assert final[n] == pytest.approx(v, rel=1e-5)
+    # with the noise on, the head's output variance is far from 1: measuring it that way would set another scale
+    model.train()
+    noisy = _output_vars_as_set(model, batch)
+    assert abs(noisy["head"] - 1) > 0.3, noisy
 
 
 def test_lsuv_skips_zero_variance_without_dividing_by_zero(caplog):

@@ -1,11 +1,21 @@
 """Knowledge distillation loss against explicit float64 sums (including T^2), its closed-form gradient, alpha = 1
-and identical-logits limits, soft targets with label smoothing, teacher detachment and validation."""
+and identical-logits limits, soft targets with label smoothing, teacher detachment and validation; the seed's KD
+defaults (configs/distill_seed.yaml: 2 x 20 MLP student, T 7, alpha 0.3)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import config
+import models
+import train_distill
+from models.mlp import mlp_student_seed
 from tricks.kd import DistillationLoss, kd_loss
 from utils.errors import UserError
+
+SEED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "distill_seed.yaml")
 
 N, K = 6, 5
 
@@ -92,3 +102,30 @@ def test_module_low_precision_and_validation():
             kd_loss(s, y, t, **kwargs)
     with pytest.raises(UserError, match="teacher"):
         kd_loss(s, y, t[:, :3], 1.0, 0.5)
+
+
+def _linear_shapes(net):
+    return [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
+
+
+def test_seed_student_is_a_20_20_relu_mlp():
+    net = mlp_student_seed(10, 1, 28)
+    assert _linear_shapes(net) == [(784, 20), (20, 20), (20, 10)]
+    assert sum(isinstance(m, nn.ReLU) for m in net.modules()) == 2
+    assert not any(isinstance(m, nn.Dropout) for m in net.modules())
+
+
+def test_seed_kd_config_gives_the_seeds_defaults_and_builds_its_student():
+    args = config.parse_args(["--config", SEED_CONFIG, "--teacher_ckpt", "runs/T/best.pt"],
+                             parser=train_distill.get_parser())
+    assert (args.model, args.kd_temperature, args.kd_alpha) == ("mlp_student_seed", 7.0, 0.3)
+    loss = DistillationLoss(args.kd_temperature, args.kd_alpha)
+    s, t = logits(0), logits(1)
+    target = torch.arange(N) % K
+    by_hand = 0.3 * ce_by_hand(s, F.one_hot(target, K).double(), 0.0) + 0.7 * kd_term_by_hand(s, t, 7.0)
+    torch.testing.assert_close(loss(s, target, t), by_hand)
+    # through the registry, as train_distill.py builds it (models/__init__.py must list mlp_student_seed)
+    assert "mlp_student_seed" in models.MODELS, "register mlp_student_seed in models/__init__.py's MODELS"
+    mcfg = models.model_config(args.model, 10, 1, 28, (0.286,), (0.353,))
+    net = models.build_model(**{k: v for k, v in mcfg.items() if k != "reparameterized"})
+    assert _linear_shapes(net) == [(784, 20), (20, 20), (20, 10)]

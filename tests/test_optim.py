@@ -143,3 +143,14 @@ def test_bad_norm_bias_lr_scale_is_a_user_error():
         build_optimizer(_net(), argparse.Namespace(**{**vars(_args()), "norm_bias_lr_scale": 0.0}), 0.1)
     with pytest.raises(UserError, match="no normalisation-layer biases"):
         build_optimizer(nn.Linear(3, 2), _args("--norm_bias_lr_scale", "2"), 0.1)
+
+
+def test_linear_scaling_rule_scales_every_absolute_lr():
+    """--lr_base_batch scales --min_lr, --warmup_lr_init, --cyclic_base_lr (and --swa_lr) as it scales --lr."""
+    import train
+    args = config.parse_args(["--batch_size", "64", "--lr_base_batch", "32", "--lr", "0.1", "--min_lr", "0.01",
+                              "--warmup_lr_init", "0.001", "--cyclic_base_lr", "0.002"])
+    s = train.schedule_options(args, world_size=3)  # k = 64 * 3 / 32 = 6
+    assert (s.lr, s.min_lr, s.warmup_lr_init, s.cyclic_base_lr) == pytest.approx((0.6, 0.06, 0.006, 0.012))
+    plain = train.schedule_options(config.parse_args(["--min_lr", "0.01"]), world_size=3)
+    assert plain.min_lr == 0.01 and plain.lr == 0.2

@@ -231,3 +231,19 @@ def test_predict_out_naming_a_folder_is_refused_before_inference(tmp_path, capsy
 def test_tta_shift_beyond_the_image_is_refused(capsys):
     line = cli_error(train.main, [*QUICK, "--tta", "--tta_shift", "28"], capsys)
     assert "--tta_shift 28 moves a 28-pixel image out of view" in line
+
+
+@needs_fmnist
+def test_hand_edited_training_state_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(config.parse_args([*QUICK, "--output_dir", str(out)]))
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    for i, damage in enumerate(({"epoch": "1"}, {"metrics": {"history": None}}, {"rng": None},
+                                {"best_val_acc": "high"})):
+        torch.save({**ckpt, **damage}, tmp_path / f"bad{i}.pt")
+        line = cli_error(train.main, ["--resume", str(tmp_path / f"bad{i}.pt")], capsys)
+        assert "damaged training state" in line, (damage, line)
+    no_args = {k: v for k, v in ckpt.items() if k != "args"}
+    torch.save(no_args, tmp_path / "noargs.pt")  # flags come from the command line then: still resumes
+    train.main(config.parse_args([*QUICK, "--resume", str(tmp_path / "noargs.pt"), "--epochs", "2",
+                                  "--output_dir", str(tmp_path / "again")]))

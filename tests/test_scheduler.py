@@ -209,6 +209,33 @@ def test_exponential_is_gamma_per_epoch_and_restarts_return_to_peak():
     assert lrs[2] == pytest.approx(0.4) and lrs[8] == pytest.approx(0.4) and lrs[20] == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("spe", [1, 5])
+def test_multiplicative_is_multiplicative_lr_per_epoch(spe):
+    # The seed: MultiplicativeLR(opt, lambda epoch: G) stepped once per epoch, no warmup. Closed form at epoch e:
+    # lr_e = lr * G^e, constant through the epoch; torch's own MultiplicativeLR gives the same values to the bit.
+    G, lr, E = 0.7, 0.3, 6
+    a = _args("--scheduler", "multiplicative", "--gamma", str(G), "--epochs", str(E), "--lr", str(lr),
+              "--warmup_epochs", "0")
+    got = lr_at_steps(a, spe, E * spe)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    seed = torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda epoch: G)
+    for e in range(E):
+        assert got[e * spe] == pytest.approx(lr * G ** e, rel=1e-12)
+        assert got[e * spe] == opt.param_groups[0]["lr"]  # bit for bit
+        assert got[e * spe:(e + 1) * spe] == [got[e * spe]] * spe  # constant within the epoch
+        opt.step()
+        seed.step()
+
+
+def test_multiplicative_starts_from_the_peak_after_warmup():
+    # 2 warmup epochs of 4 steps from 0 to lr, then lr * G^e in the e-th epoch after warmup
+    a = _args("--scheduler", "multiplicative", "--gamma", "0.5", "--epochs", "6", "--lr", "0.4",
+              "--warmup_epochs", "2", "--warmup_lr_init", "0")
+    got = lr_at_steps(a, 4, 24)
+    assert got[:8] == pytest.approx([0.4 * i / 8 for i in range(8)], rel=1e-12, abs=1e-15)
+    assert got[8:] == pytest.approx([0.4 * 0.5 ** (i // 4) for i in range(16)], rel=1e-12)
+
+
 def test_unknown_scheduler_lists_names():
     with pytest.raises(UserError, match="cosine, step, multistep.*constant"):
         lr_at_steps(_args("--scheduler", "linear"), 4, 4)
@@ -224,3 +251,15 @@ def test_plot_lr_writes_png(tmp_path):
     assert path == str(tmp_path / "lr_schedule.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_onecycle_over_too_few_steps_is_one_line():
+    import config
+    from engine.scheduler import ScheduleOptions
+    from utils.errors import UserError
+    args = config.options(ScheduleOptions, config.parse_args(["--scheduler", "onecycle", "--warmup_epochs", "0",
+                                                              "--epochs", "2"]))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(UserError, match="leaves no room for its rise and fall"):
+        build_scheduler(opt, args, 2)  # 4 steps: torch's OneCycleLR would divide by zero
+    build_scheduler(opt, args, 4)  # 8 steps are enough

@@ -1,4 +1,5 @@
-"""SWA: equal average of end-of-epoch snapshots, the SWALR lr, update_bn on uint8 batches, resume."""
+"""SWA: equal average of end-of-epoch snapshots, the SWALR lr, update_bn on uint8 batches (Dropout/DropPath off),
+resume."""
 import io
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from models.drop_path import DropPath
 from tricks.swa import SWA, update_bn_uint8
 
 
@@ -107,6 +109,57 @@ def test_finalize_recomputes_bn_of_the_averaged_model():
             ref(x.float() / 255)
     torch.testing.assert_close(swa.module[1].running_mean, ref[1].running_mean)
     assert not torch.equal(swa.module[1].running_mean, torch.zeros(3))
+
+
+def noisy_model():
+    """Dropout before the first BatchNorm, DropPath before the second: both change BN's input statistics if on."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Dropout(0.5), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 1),
+                         DropPath(0.5), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def bn_stats_by_hand(model, loader):
+    """The running statistics update_bn must give, by a hand loop with Dropout and DropPath as the identity:
+    BN in train mode normalises each batch by its own statistics; momentum=None averages the batch statistics."""
+    F = torch.nn.functional
+    conv1, bn1, conv2 = model[0], model[2], model[4]
+    per_batch = {2: [], 6: []}
+    with torch.no_grad():
+        for x, _ in loader:
+            f1 = F.conv2d(x.double() / 255, conv1.weight.double(), conv1.bias.double())  # Dropout: identity
+            h = F.batch_norm(f1, None, None, bn1.weight.double(), bn1.bias.double(), training=True, eps=bn1.eps)
+            f2 = F.conv2d(torch.relu(h), conv2.weight.double(), conv2.bias.double())      # DropPath: identity
+            for i, f in ((2, f1), (6, f2)):
+                per_batch[i].append((f.mean(dim=(0, 2, 3)), f.var(dim=(0, 2, 3), unbiased=True)))
+    return {i: (torch.stack([m for m, _ in s]).mean(0), torch.stack([v for _, v in s]).mean(0))
+            for i, s in per_batch.items()}
+
+
+@pytest.mark.parametrize("via", ["update_bn_uint8", "finalize"])
+def test_bn_is_re_estimated_with_dropout_and_drop_path_off(via):
+    model = noisy_model()
+    loader = uint8_loader(n_batches=4, batch=8)
+    model.eval()
+    model[1].train()  # a mixed state: each module's own mode must come back
+    modes = [m.training for m in model.modules()]
+    momenta = [model[2].momentum, model[6].momentum]
+    if via == "finalize":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        swa = SWA(model, opt, swa_start=0, swa_lr=0.05, anneal_epochs=1)
+        opt.step()
+        swa.step_epoch(model, 0)
+        model = swa.module
+        modes = [m.training for m in model.modules()]
+        swa.finalize(loader, torch.device("cpu"))
+    else:
+        update_bn_uint8(loader, model, torch.device("cpu"))
+    want = bn_stats_by_hand(model, loader)
+    for i in (2, 6):
+        torch.testing.assert_close(model[i].running_mean.double(), want[i][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model[i].running_var.double(), want[i][1], rtol=1e-5, atol=1e-6)
+        assert int(model[i].num_batches_tracked) == 4
+    assert [m.training for m in model.modules()] == modes
+    assert [model[2].momentum, model[6].momentum] == momenta
 
 
 def test_state_dict_resume_matches_uninterrupted_run():

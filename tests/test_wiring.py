@@ -63,9 +63,9 @@ def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypa
     seen = {"evaluate": [], "epochs": []}
     orig_init, orig_eval, orig_epoch = train.init_weights, train.evaluate, train.train_one_epoch
 
-    def spy_init(model, scheme, mode, nonlinearity):
+    def spy_init(model, scheme, mode, nonlinearity, std=None):
         seen["init"] = scheme
-        orig_init(model, scheme, mode, nonlinearity)
+        orig_init(model, scheme, mode, nonlinearity, std=std)
         seen["fc_std"] = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].weight.std().item()
 
     def spy_eval(*a, **kw):

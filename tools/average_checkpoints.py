@@ -1,7 +1,7 @@
 """Weighted average of the weights of several checkpoints (offline SWA / checkpoint averaging, as in
 Izmailov et al., 2018 and Vaswani et al., 2017), accumulated in float64 and cast back to each tensor's dtype.
 Integer buffers (num_batches_tracked) come from the last checkpoint; --update_bn re-estimates BatchNorm on the
-training data of the last checkpoint's run (data flags given here override its saved ones).
+training data of the last checkpoint's run (data flags given here override its saved ones), Dropout/DropPath off.
     python -m tools.average_checkpoints a.pt b.pt c.pt --weights 0.2 0.3 0.5 --out avg.pt [--update_bn]
 """
 import logging
@@ -91,7 +91,8 @@ def average_state_dicts(state_dicts, weights=None, strict=True, names=None):
 
 def recompute_bn(state_dict, ckpt, device, data_flags=None):
     """Load `state_dict` into the model `ckpt` describes and re-estimate BatchNorm on the training data of the run
-    (its saved flags over train.py's defaults), with `data_flags` (a dict) over those."""
+    (its saved flags over train.py's defaults), with `data_flags` (a dict) over those; Dropout/DropPath are off
+    (tricks.swa.update_bn_uint8)."""
     import datasets  # only --update_bn needs the data and model code
     import models
     data = datasets.build_data(config.training_defaults(ckpt.get("args") or {}, data_flags or {}))
@@ -114,7 +115,7 @@ def get_parser():
                    help="fail on keys missing or shaped differently in some checkpoint; --no_strict skips them "
                         "(keeping the last checkpoint's value)")
     p.add_argument("--update_bn", action=config.BoolFlag,
-                   help="re-estimate BatchNorm statistics on the run's training data")
+                   help="re-estimate BatchNorm statistics on the run's training data (Dropout and DropPath off)")
     p.add_argument("--device", default="auto", help="--update_bn: auto | cpu | cuda | cuda:N")
     config.add_data_args(p, unset="the last checkpoint's training flags (read by --update_bn)")
     return p

@@ -1,7 +1,11 @@
 """Weight init by name: Xavier (Glorot & Bengio 2010), Kaiming (He et al. 2015), orthogonal (Saxe et al. 2014),
-LSUV (Mishkin & Matas 2016), zero-γ residual branches (Goyal et al. 2017). Gain = calculate_gain(nonlinearity);
-biases 0, norm layers weight 1 / bias 0. LSUV measures in train mode (BN on batch statistics) and puts the BN
-running statistics back afterwards.
+normal N(0, std) / uniform U(-std, std), LSUV (Mishkin & Matas 2016), zero-γ residual branches (Goyal et al. 2017).
+Gain = calculate_gain(nonlinearity); biases 0, norm layers weight 1 / bias 0. LSUV measures with BatchNorm in train
+mode (batch statistics) and Dropout/DropPath off, then puts every module's mode and the BN running statistics back.
+seed: the seed's weights_init as it ran: convs Xavier-normal (gain 1) with bias 0.3, Linear N(0, 0.1) with bias 0.
+Its BatchNorm branch (weight 1, bias 0) called `m.weight()` (a TypeError, had it run) and never ran: reproduced by
+leaving norm layers as the model built them (torch's 1 / 0 unless the model sets its own, e.g. airnet's zero γ).
+Deviation: a conv without bias keeps none (the seed's constant_(m.bias, 0.3) would raise).
 Dirac (airbench, Jordan 2024): every square-kernel conv's first min(in, out) filters become the identity
 (nn.init.dirac_), the others keep the model's own init; biases and norms are left alone.
 Patch-whitening stem (airbench): the first conv's filters become the eigenvectors of the covariance of its
@@ -14,19 +18,24 @@ import torch
 from torch import nn
 
 from engine.optim import NORM_LAYERS
+from tricks.swa import deterministic_train_mode
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "lsuv",
-         "dirac")
+         "dirac", "normal", "uniform", "seed")
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def _init_weight(w, init, mode, nonlinearity, gain):
-    if init == "xavier_uniform":
+def _init_weight(w, init, mode, nonlinearity, gain, std):
+    if init == "normal":
+        nn.init.normal_(w, 0.0, std)
+    elif init == "uniform":
+        nn.init.uniform_(w, -std, std)
+    elif init == "xavier_uniform":
         nn.init.xavier_uniform_(w, gain=gain)
     elif init == "xavier_normal":
         nn.init.xavier_normal_(w, gain=gain)
@@ -39,11 +48,11 @@ def _init_weight(w, init, mode, nonlinearity, gain):
 
 
 @torch.no_grad()
-def init_weights(model, init, mode="fan_in", nonlinearity="relu"):
+def init_weights(model, init, mode="fan_in", nonlinearity="relu", std=None):
     """Re-initialise every conv/linear/norm layer of `model` by name; returns the number of conv/linear layers.
 
     "default" keeps PyTorch's (or the model's own) initialisation. "lsuv" does the orthogonal part only;
-    `lsuv_init(model, batch)` does all of LSUV.
+    `lsuv_init(model, batch)` does all of LSUV. "normal" and "uniform" need `std` (--init_std).
     """
     if init not in INITS:
         raise UserError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}")
@@ -54,14 +63,21 @@ def init_weights(model, init, mode="fan_in", nonlinearity="relu"):
     except ValueError:
         raise UserError(f"unknown --init_nonlinearity {nonlinearity!r}; choose one of "
                         f"{', '.join(NONLINEARITIES)}") from None
+    if init in ("normal", "uniform"):
+        if std is None:
+            raise ValueError(f"init_weights(..., {init!r}) needs std= (train.py passes --init_std)")
+        if not (math.isfinite(std) and std > 0):
+            raise UserError(f"--init_std {std} must be a positive number")
     if init == "default":
         return 0
     if init == "dirac":
         return _dirac_init(model)
+    if init == "seed":
+        return _seed_init(model)
     n = 0
     for m in model.modules():
         if isinstance(m, _WEIGHTED):
-            _init_weight(m.weight, init, mode, nonlinearity, gain)
+            _init_weight(m.weight, init, mode, nonlinearity, gain, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
             n += 1
@@ -70,6 +86,24 @@ def init_weights(model, init, mode="fan_in", nonlinearity="relu"):
                 nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+    return n
+
+
+def _seed_init(model):
+    """The seed's scheme (see the module docstring): returns the number of conv/linear layers."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0.3)
+            n += 1
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.1)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+            n += 1
+        # no norm-layer branch: the seed's called m.weight() and never ran
     return n
 
 
@@ -177,26 +211,26 @@ def lsuv_init(model, batch, tol=0.1, max_iter=10):
     if first is None:
         return {}
     batch = batch.to(first.weight.device)
-    was_training = model.training
     buffers = {k: v.clone() for k, v in model.named_buffers()}  # BN running stats move in train mode
-    model.train()
+    # BN normalises with batch statistics, as in training; Dropout/DropPath off, so the variance set is that of
+    # the deterministic network and not that of one noisy draw (inverted dropout inflates it)
     try:
-        order = []  # names in the order the forward pass calls them
-        handles = [m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
-                   for name, m in layers.items()]
-        try:
-            model(batch)
-        finally:
-            for h in handles:
-                h.remove()
-        order = list(dict.fromkeys(order))  # a module called twice is scaled once
-        final = {}
-        for name in order:
-            final[name] = _lsuv_layer(model, batch, name, layers[name], tol, max_iter)
+        with deterministic_train_mode(model):
+            order = []  # names in the order the forward pass calls them
+            handles = [m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+                       for name, m in layers.items()]
+            try:
+                model(batch)
+            finally:
+                for h in handles:
+                    h.remove()
+            order = list(dict.fromkeys(order))  # a module called twice is scaled once
+            final = {}
+            for name in order:
+                final[name] = _lsuv_layer(model, batch, name, layers[name], tol, max_iter)
     finally:
         for k, v in model.named_buffers():
             v.copy_(buffers[k])
-        model.train(was_training)
     return final
 
 

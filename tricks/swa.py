@@ -1,25 +1,59 @@
 """Stochastic Weight Averaging (Izmailov et al., 2018, "Averaging Weights Leads to Wider Optima and Better
 Generalization") with torch.optim.swa_utils: from epoch swa_start the weights at the end of every epoch enter
-an equal average and SWALR anneals the lr to swa_lr; BatchNorm statistics are re-estimated at the end.
-Deviation: the paper jumps to a constant (or cyclic) lr; SWALR anneals to swa_lr over a few epochs.
+an equal average and SWALR anneals the lr to swa_lr; BatchNorm statistics are re-estimated at the end, with
+Dropout/DropPath off (torch's update_bn leaves them on). Deviation: SWALR anneals to swa_lr over a few epochs
+where the paper jumps to a constant (or cyclic) lr.
 """
+import contextlib
 import logging
 
 import torch
-from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
+from torch import nn
+from torch.optim.swa_utils import SWALR, AveragedModel
+
+from models.drop_path import DropPath
 
 log = logging.getLogger(__name__)
+
+STOCHASTIC_LAYERS = (nn.modules.dropout._DropoutNd, DropPath)
+
+
+@contextlib.contextmanager
+def deterministic_train_mode(model):
+    """Train mode (BatchNorm on batch statistics) with Dropout and DropPath in eval mode (identity), for measuring
+    the network as it is evaluated; every module's own mode is put back on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, STOCHASTIC_LAYERS):
+            m.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @torch.no_grad()
 def update_bn_uint8(loader, model, device):
-    """torch's update_bn over a loader of (uint8 images, labels): images become float pixels in [0, 1].
-
-    Resets every BatchNorm's running statistics, then sets them to the cumulative average over the
-    batches (momentum=None); model.training and the momenta are restored afterwards.
+    """torch's update_bn over a loader of (uint8 images, labels), with Dropout and DropPath off: images become
+    float pixels in [0, 1]; every BatchNorm's running statistics are reset, then set to the cumulative average
+    over the batches (momentum=None). Every module's mode and the momenta are restored afterwards.
     """
-    # batches are (x, y) or, under --infobatch, (x, y, sample indices)
-    update_bn((x.to(device, non_blocking=True).float().div_(255) for x, *_ in loader), model)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = {bn: bn.momentum for bn in bns}
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    try:
+        with deterministic_train_mode(model):
+            for x, *_ in loader:  # (x, y) or, under --infobatch, (x, y, sample indices)
+                model(x.to(device, non_blocking=True).float().div_(255))
+    finally:
+        for bn, momentum in momenta.items():
+            bn.momentum = momentum
 
 
 class SWA:

@@ -64,7 +64,7 @@ def eval_dir(ckpt_path, output_dir=None, overwrite=False):
     return open_dir(output_dir)
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Write through a temporary file renamed over `path`: the old file stays whole if anything fails."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -80,7 +80,7 @@ def _atomic_write(path, write):
 
 
 def write_json(path, obj):
-    _atomic_write(path, lambda f: json.dump(obj, f, indent=2))
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
 def write_metrics_csv(path, history):
@@ -93,7 +93,7 @@ def write_metrics_csv(path, history):
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(history)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def plot_curves(path, history):
