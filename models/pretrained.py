@@ -40,7 +40,7 @@ def torchvision_state_dict(name):
 def read_weights(path, use_ema=False):
     """(state dict of the network, its (mean, std) or None, its class names or None) from a file: a
     torchvision/timm state dict, a training checkpoint with a "state_dict"/"model" entry, or a checkpoint of this
-    repository (train, averaged or SWA form; use_ema: its EMA weights)."""
+    repository (train, averaged or SWA form; use_ema: its EMA weights; a deploy form is refused)."""
     if not os.path.isfile(path):
         raise UserError(f"--pretrained {path} does not exist; pass a weights file (.pt/.pth)")
     try:
@@ -50,9 +50,9 @@ def read_weights(path, use_ema=False):
         raise UserError(f"--pretrained {path} is not a readable weights file ({reason})") from None
     stats = class_names = None
     if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) and "model" in obj:
-        if obj["model_config"].get("reparameterized"):
-            raise UserError(f"--pretrained {path} is a deploy checkpoint (branches fused by reparam_export.py); "
-                            f"fine-tune from the checkpoint it was exported from")
+        if obj["model_config"].get("reparameterized"):  # conv and BatchNorm fused: no train-form model matches
+            raise UserError(f"--pretrained {path} is a deploy checkpoint (convolutions and BatchNorm fused by "
+                            f"reparam_export.py); fine-tune from the checkpoint it was exported from")
         if use_ema and not isinstance(obj.get("ema"), dict):
             raise UserError(f"--pretrained_use_ema: {path} holds no EMA weights; drop the flag")
         state = obj["ema"]["module"] if use_ema else obj["model"]

@@ -243,3 +243,15 @@ def test_crop_pct_evaluates_a_centre_crop_and_trains_on_random_resized_crops(tmp
     assert all(o.shape == (1, 64, 64) for o in outs) and len({o.float().mean().item() for o in outs}) > 1
     with pytest.raises(UserError, match="--crop_pct is the evaluation preset for file datasets"):
         __import__("datasets").build_data(train.data_options(config.parse_args(["--crop_pct", "0.875"])))
+
+
+def test_a_deploy_checkpoint_is_refused_in_one_line(tmp_path):
+    """Fused conv + BatchNorm (reparam_export.py) matches no train-form model: the message names the way out."""
+    from models import model_config
+    from models.reparam import reparameterize_model
+    mcfg = model_config("resnet8", 10, 1, 28, [0.5], [0.25], acb=True)
+    deploy = reparameterize_model(build_model("resnet8", 10, 1, 28, [0.5], [0.25], acb=True).eval())
+    torch.save({"model": deploy.state_dict(), "model_config": {**mcfg, "reparameterized": True}},
+               tmp_path / "deploy.pt")
+    with pytest.raises(UserError, match="is a deploy checkpoint .* fine-tune from the checkpoint it was exported"):
+        fetch_weights("resnet8", str(tmp_path / "deploy.pt"))
