@@ -11,6 +11,8 @@ import os
 import numpy as np
 import torch
 
+from utils.outputs import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -143,10 +145,7 @@ def _markdown(report):
 
 
 def _atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text))
 
 
 def write_eval_report(output_dir, probs, targets, class_names, get_images=None, n_errors=32):

@@ -116,6 +116,13 @@ def plot_curves(path, history):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:  # an interrupt or a full disk mid-write leaves the previous picture and no temporary file
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space or pass another "
+                        f"--output_dir") from None
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
