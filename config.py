@@ -141,7 +141,8 @@ def _add_optim_args(p):
                         "K x batch_size; the schedule, EMA and clipping count optimizer steps; 1 = off)")
     g.add_argument("--opt", default="sgd", help=f"one of {', '.join(OPTIMIZERS)}")
     g.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; beta1 for adam/adamw")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; beta1 for adam/adamw/lion")
+    g.add_argument("--lion_beta2", type=float, default=0.99, help="lion: beta2 of its momentum (Chen et al. 2023)")
     g.add_argument("--nesterov", action=BoolFlag, default=True)
     g.add_argument("--weight_decay", type=float, default=5e-4)
     g.add_argument("--bias_decay", action=BoolFlag, default=True,
@@ -347,7 +348,7 @@ RANGES = {
     "drop_path_rate": (0, 1, "open-high"),
     "freeze_epochs": (0, _INF), "layer_decay": (0, 1, "open-low"), "head_lr_scale": (0, _INF, "open"),
     "epochs": (1, _INF), "batch_size": (1, _INF), "accum_steps": (1, _INF), "lr": (0, _INF, "open"),
-    "momentum": (0, 1, "open-high"),
+    "momentum": (0, 1, "open-high"), "lion_beta2": (0, 1, "open-high"),
     "weight_decay": (0, _INF), "norm_bias_lr_scale": (0, _INF, "open"), "lr_base_batch": (0, _INF),
     "clip_grad": (0, _INF), "label_smoothing": (0, 1, "open-high"), "infobatch": (0, 1, "open-high"),
     "infobatch_anneal": _P,

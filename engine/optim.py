@@ -3,7 +3,7 @@ No bias decay: biases and norm parameters (ndim <= 1) get weight_decay 0 (Bag of
 Linear scaling rule: lr proportional to the global batch size (Goyal et al. 2017).
 Norm-bias lr scale (airbench, Jordan 2024): normalisation-layer biases get lr x S and weight decay / S, so their
 decay per step (lr x wd) is unchanged while they move S times faster.
-For adam/adamw, --momentum is beta1 (0.9, Adam's default); --nesterov applies to SGD only.
+For adam/adamw/lion, --momentum is beta1 (0.9, Adam's default); --nesterov applies to SGD only. Lion: engine/lion.py.
 Fine-tuning: layer-wise lr decay (lr x G^depth from the head, stages from the model's top-level children) and
 the head's own lr scale.
 """
@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.lion import Lion
 from models.pretrained import classifier_head
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
@@ -36,6 +37,7 @@ class OptimizerOptions:
     weight_decay: float
     layer_decay: float = 1.0
     head_lr_scale: float = 1.0
+    lion_beta2: float = 0.99
 
 
 def param_groups_no_bias_decay(model, weight_decay):
@@ -86,6 +88,8 @@ def build_optimizer(model, cfg, lr):
     if cfg.opt in ("adam", "adamw"):
         cls = torch.optim.Adam if cfg.opt == "adam" else torch.optim.AdamW  # Adam: L2; AdamW: decoupled
         return cls(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    if cfg.opt == "lion":  # --momentum is beta1, --lion_beta2 beta2; decoupled weight decay
+        return Lion(params, lr=lr, betas=(cfg.momentum, cfg.lion_beta2), weight_decay=cfg.weight_decay)
     raise UserError(f"unknown --opt {cfg.opt!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

@@ -154,3 +154,27 @@ def test_linear_scaling_rule_scales_every_absolute_lr():
     assert (s.lr, s.min_lr, s.warmup_lr_init, s.cyclic_base_lr) == pytest.approx((0.6, 0.06, 0.006, 0.012))
     plain = train.schedule_options(config.parse_args(["--min_lr", "0.01"]), world_size=3)
     assert plain.min_lr == 0.01 and plain.lr == 0.2
+
+
+def test_lion_follows_the_papers_update_rule():
+    """Chen et al. 2023, Algorithm 2, by hand in float64: c = b1 m + (1 - b1) g; p -= lr (sign(c) + wd p);
+    m = b2 m + (1 - b2) g; through build_optimizer's --opt lion (beta1 = --momentum, beta2 = --lion_beta2)."""
+    import numpy as np
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    args = _args("--opt", "lion", "--momentum", "0.8", "--lion_beta2", "0.95", "--weight_decay", "0.1")
+    opt = build_optimizer(net, args, 0.01)
+    p0 = {n: p.detach().double().numpy().copy() for n, p in net.named_parameters()}
+    m = {n: np.zeros_like(v) for n, v in p0.items()}
+    x = torch.randn(16, 4)
+    for _ in range(5):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        grads = {n: p.grad.double().numpy() for n, p in net.named_parameters()}
+        opt.step()
+        for n in p0:
+            c = 0.8 * m[n] + 0.2 * grads[n]
+            p0[n] = p0[n] - 0.01 * (np.sign(c) + 0.1 * p0[n])
+            m[n] = 0.95 * m[n] + 0.05 * grads[n]
+        for n, p in net.named_parameters():
+            np.testing.assert_allclose(p.detach().double().numpy(), p0[n], rtol=0, atol=1e-6)
