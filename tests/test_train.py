@@ -98,7 +98,7 @@ def test_bad_flag_in_a_fresh_interpreter(tmp_path):
     (["--epochs", "0"], "--epochs 0: must be in [1, inf)"),
     (["--dataset", "mnist_typo"], "fashion_mnist"),
     (["--model", "resnet_typo"], "resnet20"),
-    (["--opt", "lion"], "sgd"),
+    (["--opt", "adagrad"], "sgd"),
     (["--scheduler", "warm"], "cosine"),
     (["--dataset", "cifar10", "--data_dir", "/nonexistent"], "/nonexistent"),
     (["--device", "cuda"], "CUDA is not available"),
