@@ -89,6 +89,13 @@ def data_options(args):
     return options(DataOptions, args, with_index=args.infobatch > 0)
 
 
+def robust_attack(args):
+    """--eval_adv pgd: the deterministic PGD that evaluate() measures robust accuracy with; None when off."""
+    if args.eval_adv != "pgd":
+        return None
+    return functools.partial(pgd, **pgd_eval_defaults(args.adv_eps, args.eval_adv_steps))
+
+
 def tta_kwargs(args):
     """evaluate()'s test-time augmentation keywords from the flags."""
     return dict(tta=args.tta, tta_shift=args.tta_shift)
@@ -290,8 +297,7 @@ def main(args, build_loss=None):
         freeze=FreezeBackbone(model, args.freeze_epochs) if args.freeze_epochs else None)
     criterion, tricks.teacher, extra_summary = (build_loss(args, data, prec, criterion) if build_loss is not None
                                                 else (criterion, None, {}))  # train_distill.py's loss
-    robust = functools.partial(pgd, **pgd_eval_defaults(args.adv_eps, args.eval_adv_steps)) \
-        if args.eval_adv == "pgd" else None
+    robust = robust_attack(args)
     # checkpoint and resume loop over these: a name, state_dict() and load_state_dict() each
     stateful = {name: part for name, part in dict(
         optimizer=optimizer, scheduler=sched, scaler=scaler, ema=ema, swa=swa, lookahead=tricks.lookahead,
@@ -528,8 +534,7 @@ def eval_only(args, data, prec, dist):
         raise UserError(f"{args.ckpt[0]} predicts {ckpt['model_config']['num_classes']} classes but the data has "
                         f"{data.num_classes}; evaluate it on the dataset it was trained on")
     model.to(prec.device)
-    robust = functools.partial(pgd, **pgd_eval_defaults(args.adv_eps, args.eval_adv_steps)) \
-        if args.eval_adv == "pgd" else None
+    robust = robust_attack(args)
     res = evaluate(model, data.val_loader, prec, collect=not dist.enabled, robust=robust, **tta_kwargs(args))
     summary = {"ckpt": name, "val_split": data.val_name, "val_acc": res["acc"], "val_acc5": res["acc5"],
                "val_loss": res["loss"], **({"robust_val_acc": res["robust_acc"]} if "robust_acc" in res else {})}

@@ -100,7 +100,8 @@ def load_pretrained(net, state, source, reset_head=False):
     UserError. Returns the names of the fresh head tensors."""
     state = {_strip(k): v for k, v in state.items()}
     own = net.state_dict()
-    head = {f"{n}.{p}" for n, m in net.named_modules() if m is classifier_head(net) for p in ("weight", "bias")}
+    head_module = classifier_head(net)
+    head = {f"{n}.{p}" for n, m in net.named_modules() if m is head_module for p in ("weight", "bias")}
     fresh, loaded = [], {}
     for key, value in state.items():
         if key in own and value.shape != own[key].shape and value.ndim == 4 and own[key].ndim == 4 \

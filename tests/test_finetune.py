@@ -255,3 +255,39 @@ def test_a_deploy_checkpoint_is_refused_in_one_line(tmp_path):
                tmp_path / "deploy.pt")
     with pytest.raises(UserError, match="is a deploy checkpoint .* fine-tune from the checkpoint it was exported"):
         fetch_weights("resnet8", str(tmp_path / "deploy.pt"))
+
+
+@needs_fmnist
+def test_freeze_epochs_reaches_the_loop_for_exactly_its_epochs(tmp_path, monkeypatch):
+    seen, orig = [], train.train_one_epoch
+
+    def spy(*a, **kw):
+        freeze = a[8].freeze
+        seen.append(freeze is not None and freeze.frozen)
+        return orig(*a, **kw)
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    base = [a for a in QUICK if a not in ("--epochs", "1")]
+    train.main(config.parse_args([*base, "--epochs", "3", "--freeze_epochs", "2", "--output_dir", str(tmp_path)]))
+    assert seen == [True, True, False]
+
+
+def test_crop_pct_reaches_the_file_loaders(tmp_path):
+    """build_data with --crop_pct evaluates on load_image's centre crop, and trains on 64-px random crops."""
+    import numpy as np
+    from PIL import Image
+
+    import datasets
+    from datasets.files import load_image
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (80, 100), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    args = config.parse_args(["--dataset", "imagefolder", "--data_dir", str(tmp_path), "--img_size", "64",
+                              "--crop_pct", "0.8", "--in_chans", "1", "--val_ratio", "0.5", "--batch_size", "4"])
+    data = datasets.build_data(train.data_options(args))
+    ds = data.val_loader.loader.dataset  # the torch DataLoader inside
+    for i in range(len(ds)):
+        assert torch.equal(ds[i][0], load_image(ds.paths[i], 1, 64, crop_pct=0.8))
+    x, _ = next(iter(data.train_loader))[:2]
+    assert x.shape[-2:] == (64, 64)
