@@ -5,7 +5,7 @@ Each run is a subprocess `python train.py --config <out>/base.yaml <variant flag
 last.pt, so an ablation can be stopped and rerun at any time. The table gives mean ± sample std (ddof=1) over
 seeds and the paired difference to the first variant: mean of per-seed differences ± t_{0.975,n-1} sd / sqrt(n).
     python ablate.py configs/ablation_fmnist.yaml [--seeds 3] [--cumulative] [--jobs 1] [--out runs/ablation]
-                     [--only NAME ...] [--dry_run]
+                     [--only NAME ...] [--dry_run] [--report]
 Spec (YAML): `base: {flag: value}` and/or `base_config: FILE` (a train.py --config file, relative to the current
 directory; `base` overrides it), `variants: [{name: baseline, flags: {}}, {name: "+ crop+flip", flags:
 {crop_padding: 2, hflip: 0.5}}, ...]`, optional `seeds: 3` (or a list), `cumulative: false` (true: variant k
@@ -141,7 +141,7 @@ def cli_tokens(parser, flags):
     tokens, rest = [], {}
     for k, v in flags.items():
         a, opt = actions[k], f"--{k}"
-        if isinstance(a, config.BoolFlag):
+        if isinstance(a, config.BoolFlag) and isinstance(v, bool):  # `auto` (--amp) goes as a value
             tokens.append(opt if v else f"--no_{k}")
         elif v is None:
             rest[k] = v
@@ -343,11 +343,15 @@ def summarize(variants, values, seconds, seeds, cumulative):
                "mean": statistics.fmean(vals.values()) if vals else None,
                "std": statistics.stdev(vals.values()) if len(vals) > 1 else None,
                "train_seconds": statistics.fmean(seconds[v["name"]].values()) if seconds[v["name"]] else None}
+        # a difference only between variants whose every seed finished: a partial mean is not comparable
+        row["complete"] = len(vals) == len(seeds) and len(base) == len(seeds)
         if i > 0:
-            row["delta"], row["ci95"], row["n_paired"] = paired_delta(vals, base)
+            row["delta"], row["ci95"], row["n_paired"] = (paired_delta(vals, base) if row["complete"]
+                                                          else (None, None, 0))
             if cumulative:
-                row["delta_prev"], row["ci95_prev"], row["n_paired_prev"] = paired_delta(
-                    vals, values[variants[i - 1]["name"]])
+                prev = values[variants[i - 1]["name"]]
+                row["delta_prev"], row["ci95_prev"], row["n_paired_prev"] = (
+                    paired_delta(vals, prev) if row["complete"] and len(prev) == len(seeds) else (None, None, 0))
         rows.append(row)
     return rows
 
@@ -356,7 +360,9 @@ def markdown(rows, cumulative):
     """The table in percent (accuracy) and percentage points (differences)."""
     pct = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
 
-    def delta(m, h):
+    def delta(m, h, r):
+        if not r["complete"]:
+            return f"— (seeds {r['n']}/{r['seeds']}; baseline {rows[0]['n']}/{r['seeds']})"
         return "—" if m is None else f"{100 * m:+.2f}" + ("" if h is None else f" ± {100 * h:.2f}")
     show_metric = len({r["metric"] for r in rows}) > 1
     head = ["variant", "seeds", "accuracy (%) mean ± std", "Δ vs baseline (pts) ± 95% CI"]
@@ -366,9 +372,9 @@ def markdown(rows, cumulative):
     for i, r in enumerate(rows):
         acc = "—" if r["mean"] is None else pct(r["mean"]) + ("" if r["std"] is None else f" ± {100 * r['std']:.2f}")
         cells = [r["name"].replace("|", "\\|"), f"{r['n']}/{r['seeds']}", acc,
-                 "(reference)" if i == 0 else delta(r["delta"], r["ci95"])]
+                 "(reference)" if i == 0 else delta(r["delta"], r["ci95"], r)]
         if cumulative:
-            cells.append("—" if i == 0 else delta(r["delta_prev"], r["ci95_prev"]))
+            cells.append("—" if i == 0 else delta(r["delta_prev"], r["ci95_prev"], r))
         t = r["train_seconds"]
         cells.append("—" if t is None else f"{t:.1f}" if t < 100 else f"{t:.0f}")
         cells += [r["metric"]] if show_metric else []
@@ -393,7 +399,7 @@ def plot(rows, path):
     a.set_xlabel("accuracy (%), mean ± std over seeds")
     d = [100 * (r.get("delta") or 0) for r in rows][::-1]
     b.barh(ys, d, xerr=[100 * (r.get("ci95") or 0) for r in rows][::-1],
-           color=["tab:green" if x >= 0 else "tab:red" for x in d], capsize=3)
+           color=["tab:green" if x > 0 else "tab:red" if x < 0 else "tab:gray" for x in d], capsize=3)
     b.axvline(0, color="black", lw=0.8)
     b.set_xlabel("Δ vs baseline (points), paired 95% CI")
     for ax in (a, b):
@@ -418,6 +424,9 @@ def get_parser():
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="run only these variants (name or directory name); the baseline always runs")
     p.add_argument("--dry_run", action=BoolFlag, help="print the plan and commands, run and write nothing")
+    p.add_argument("--report", action=BoolFlag,
+                   help="train nothing: write the table from the runs finished so far (the others show their "
+                        "finished seed counts and no difference)")
     return p
 
 
@@ -463,7 +472,7 @@ def main(argv=None):
              f"({args.jobs} at a time, {threads} threads each)")
     t0 = time.time()
     try:
-        execute(runs, args.jobs, threads, machine)
+        execute([] if args.report else runs, args.jobs, threads, machine)
     except KeyboardInterrupt:
         log.warning("interrupted; finished runs are kept and the others resume: rerun the same command")
         return 130
@@ -473,6 +482,8 @@ def main(argv=None):
     failed = []
     metric_of = {v["name"]: v["metric"] for v in variants}
     for r in runs:
+        if args.report and r["status"] != "done":
+            continue  # not run yet: counted as a missing seed, not as a failure
         value, extra = read_run(r["dir"], metric_of[r["variant"]])
         if value is None:
             failed.append({"variant": r["variant"], "seed": r["seed"], "dir": r["dir"], "error": extra})
@@ -480,6 +491,9 @@ def main(argv=None):
             values[r["variant"]][r["seed"]] = value
             seconds[r["variant"]][r["seed"]] = extra
     rows = summarize(variants, values, seconds, seeds, spec["cumulative"])
+    for r in rows:
+        log.info(f"{r['name']}: {r['n']}/{r['seeds']} seeds finished" + ("" if r["complete"] else
+                                                                           ", no difference reported"))
     table = markdown(rows, spec["cumulative"])
     if failed:
         table += "\nFailed runs (see ablate_stdout.log in the run directory):\n" + "".join(

@@ -109,13 +109,15 @@ def test_table_from_fabricated_summaries(tmp_path):
         mean, std, dm, half = _hand(accs[name], accs["baseline"])
         r = rows[name]
         assert r["mean"] == pytest.approx(mean, abs=1e-12) and r["std"] == pytest.approx(std, abs=1e-12)
-        assert r["delta"] == pytest.approx(dm, abs=1e-12) and r["ci95"] == pytest.approx(half, abs=1e-12)
-        assert r["n"] == len(accs[name]) and r["n_paired"] == len(accs[name])
+        assert r["n"] == len(accs[name])
         cells = _row(md, name)
         assert cells[1] == f"{len(accs[name])}/3" and cells[2] == _fmt_acc(mean, std)
-        assert cells[3] == _fmt_delta(dm, half)
-    # two pairs: sd(d) = |d0 - d1| / sqrt(2), so the half-width is t_{0.975,1} |d0 - d1| / 2
-    assert rows["ema"]["ci95"] == pytest.approx(T_975_DF1 * abs(0.0028 - 0.0030) / 2, abs=1e-12)
+    mean, std, dm, half = _hand(accs["crop"], accs["baseline"])
+    assert rows["crop"]["delta"] == pytest.approx(dm, abs=1e-12) and rows["crop"]["n_paired"] == 3
+    assert rows["crop"]["ci95"] == pytest.approx(half, abs=1e-12) and _row(md, "crop")[3] == _fmt_delta(dm, half)
+    # a variant with a seed missing gets no difference: a partial mean is not comparable to the baseline's
+    assert not rows["ema"]["complete"] and rows["ema"]["delta"] is None and rows["ema"]["ci95"] is None
+    assert _row(md, "ema")[3] == "— (seeds 2/3; baseline 3/3)"
     assert rows["baseline"]["train_seconds"] == pytest.approx(11.0)
     assert _row(md, "crop")[4] == "13.5" and _row(md, "ema")[4] == "21.0"  # mean over the finished seeds
     assert _row(md, "ema")[5] == "test_acc_ema" and _row(md, "baseline")[3] == "(reference)"
@@ -136,6 +138,28 @@ def test_table_from_fabricated_summaries(tmp_path):
     _, _, dm, half = _hand(accs["crop"], accs["baseline"])
     assert rc == 0 and res["variants"][1]["delta_prev"] == pytest.approx(dm, abs=1e-12)
     assert _row((out / "ablation.md").read_text(), "crop")[4] == _fmt_delta(dm, half)
+
+
+def test_report_trains_nothing_and_counts_finished_seeds(tmp_path, monkeypatch):
+    """--report writes the table from the finished runs only: an unstarted seed is a missing seed (no failure,
+    no difference for its variant), and no training is launched."""
+    out = tmp_path / "abl"
+    accs = {"baseline": {0: 0.90, 1: 0.91}, "crop": {0: 0.92, 1: 0.93}, "ema": {0: 0.95}}
+    for name, vals in accs.items():
+        for seed, acc in vals.items():
+            d = out / name / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"train_seconds": 1.0, "test_acc": acc}))
+    spec = _write_spec(tmp_path / "spec.yaml", [{"name": "baseline"}, {"name": "crop", "flags": {"crop_padding": 2}},
+                                                {"name": "ema", "flags": {"ema": True}}], seeds=2)
+    real_execute = ablate.execute
+    monkeypatch.setattr(ablate, "execute", lambda runs, *a: runs and pytest.fail("--report launched a training")
+                        or real_execute(runs, *a))
+    assert ablate.main([spec, "--out", str(out), "--report"]) == 0
+    rows = {r["name"]: r for r in _results(out)["variants"]}
+    assert rows["crop"]["delta"] == pytest.approx(0.02, abs=1e-12) and rows["crop"]["complete"]
+    assert rows["ema"]["n"] == 1 and rows["ema"]["delta"] is None and _results(out)["failed"] == []
+    assert _row((out / "ablation.md").read_text(), "ema")[3] == "— (seeds 1/2; baseline 2/2)"
 
 
 # ---------------------------------------------------------------- spec handling
