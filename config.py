@@ -5,7 +5,7 @@ Precedence: parser defaults < config file < command line. The resolved configura
 
 One flag convention, for every flag:
 - names use underscores (`--batch_size`); a config file's keys are the same names without dashes;
-- booleans are `--x` / `--no_x` (`--ema` / `--no_ema`, `--amp` / `--no_amp`), `x: true|false` in a config file;
+- booleans are `--x` / `--no_x` (`--ema` / `--no_ema`), `x: true|false` in a config file; `--amp` also takes `auto`;
 - numeric tricks are off at 0 (`--lookahead_k 0`, `--random_erasing 0`, `--time_budget 0`); scale factors and
   counts are neutral at 1 (`--norm_bias_lr_scale 1`, `--ensemble 1`);
 - a choice flag picks one method, `none` is off (`--attention none`, `--adv none`); `default` means torch's own
@@ -23,14 +23,15 @@ import yaml
 # every name list is defined where it is implemented; the parser takes its choices from there
 from datasets import DATASETS
 from datasets.transforms import AUTO_AUGMENTS
-from engine.optim import OPTIMIZERS
+from engine.muon import MUON_AUX
+from engine.optim import OPTIMIZERS, SAM_BASES
 from engine.precision import FP32_PRECISIONS
 from engine.scheduler import SCHEDULERS
 from models import ATTENTIONS
 from tricks.adversarial import ADVS
 from tricks.init import INITS
 from utils.errors import UserError
-from utils.flags import BoolFlag  # noqa: F401 (config.BoolFlag: the scripts' boolean flag)
+from utils.flags import BoolAutoFlag, BoolFlag, HelpFormatter  # noqa: F401 (config.BoolFlag: the scripts' boolean flag)
 
 _NOT_IN_CONFIG = {"config"}
 # Older spellings of boolean flags, still read from config files and checkpoints: old key -> (new key, negate).
@@ -139,10 +140,21 @@ def _add_optim_args(p):
     g.add_argument("--accum_steps", type=int, default=1, metavar="K",
                    help="sum the gradients of K batches before each optimizer step (an effective batch of "
                         "K x batch_size; the schedule, EMA and clipping count optimizer steps; 1 = off)")
-    g.add_argument("--opt", default="sgd", help=f"one of {', '.join(OPTIMIZERS)}")
+    g.add_argument("--opt", default="sgd", help=f"one of {', '.join(OPTIMIZERS)} (muon: Muon on the hidden weight "
+                   "matrices, --muon_aux on the rest; sam: SAM around --sam_base)")
     g.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; beta1 for adam/adamw/lion")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum; beta1 for adam/adamw/lion; muon: the aux optimiser's")
     g.add_argument("--lion_beta2", type=float, default=0.99, help="lion: beta2 of its momentum (Chen et al. 2023)")
+    g.add_argument("--muon_lr", type=float, default=0.02,
+                   help="muon: peak lr of the hidden weight matrices (x the layer-wise factors); --lr is the aux's")
+    g.add_argument("--muon_momentum", type=float, default=0.95, help="muon: Muon's Nesterov momentum")
+    g.add_argument("--muon_aux", default="sgd", choices=MUON_AUX,
+                   help="muon: the optimiser of the input layer, head, biases and norms (--momentum, --nesterov)")
+    g.add_argument("--sam_rho", type=float, default=0.05,
+                   help="sam: radius of the weight perturbation (Foret et al. 2021: 0.05; ASAM: 0.5-2)")
+    g.add_argument("--sam_adaptive", action=BoolFlag, help="sam: ASAM, the radius scaled by |w| (Kwon et al. 2021)")
+    g.add_argument("--sam_base", default="sgd", choices=SAM_BASES, help="sam: the optimiser that steps")
     g.add_argument("--nesterov", action=BoolFlag, default=True)
     g.add_argument("--weight_decay", type=float, default=5e-4)
     g.add_argument("--bias_decay", action=BoolFlag, default=True,
@@ -317,9 +329,11 @@ def _add_run_args(p):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--cuda", action=BoolFlag, help="use CUDA when available, else warn and use CPU")
     g.add_argument("--gpus", default=None, help="e.g. 0,1: sets CUDA_VISIBLE_DEVICES before CUDA starts")
-    g.add_argument("--amp", action=BoolFlag, default=False,
-                   help="autocast: bf16 on CPU (2x+ on AMX CPUs and AMD Zen 4, slower on some AVX-512 Xeons: "
-                        "run benchmarks/bench_precision.py); bf16, or fp16 + GradScaler, on CUDA")
+    g.add_argument("--amp", action=BoolAutoFlag, default=False,
+                   help="autocast: bf16 on CPU (2x+ on AMX CPUs, 1.4x on AMD Zen 4, slower on some AVX-512 Xeons); "
+                        "bf16, or fp16 + GradScaler, on CUDA. auto: on CPU time a few steps of the model in fp32 "
+                        "and bf16 at start and keep bf16 only if it is 1.1x+ faster; on CUDA bf16 from compute "
+                        "capability 8 (Ampere), else off")
     g.add_argument("--amp_dtype", default="auto", choices=("auto", "bf16", "fp16"))
     g.add_argument("--channels_last", action=BoolFlag, default=True)
     g.add_argument("--fp32_precision", default="default", choices=FP32_PRECISIONS,
@@ -348,7 +362,8 @@ RANGES = {
     "drop_path_rate": (0, 1, "open-high"),
     "freeze_epochs": (0, _INF), "layer_decay": (0, 1, "open-low"), "head_lr_scale": (0, _INF, "open"),
     "epochs": (1, _INF), "batch_size": (1, _INF), "accum_steps": (1, _INF), "lr": (0, _INF, "open"),
-    "momentum": (0, 1, "open-high"), "lion_beta2": (0, 1, "open-high"),
+    "momentum": (0, 1, "open-high"), "lion_beta2": (0, 1, "open-high"), "muon_lr": (0, _INF, "open"),
+    "muon_momentum": (0, 1, "open-high"), "sam_rho": (0, _INF, "open"),
     "weight_decay": (0, _INF), "norm_bias_lr_scale": (0, _INF, "open"), "lr_base_batch": (0, _INF),
     "clip_grad": (0, _INF), "label_smoothing": (0, 1, "open-high"), "infobatch": (0, 1, "open-high"),
     "infobatch_anneal": _P,
@@ -404,8 +419,7 @@ def validate(args, parser):
 
 
 def get_parser():
-    p = _Parser(description="Train an image classifier with optional tricks.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description="Train an image classifier with optional tricks.", formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML or JSON file of flag values; command-line flags override it")
     for add in (_add_data_args, _add_model_args, _add_finetune_args, _add_optim_args, _add_schedule_args,
@@ -442,8 +456,8 @@ def load_config_file(path, parser):
 
 def _typed(path, key, value, action):
     """A config file's value converted and checked as the command line would take it (one line if it cannot)."""
-    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
-    kind = "true or false" if isinstance(action, BoolFlag) else {int: "an integer", float: "a number"}.get(
+    many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0)  # BoolFlag's is 0
+    kind = action.words if isinstance(action, BoolFlag) else {int: "an integer", float: "a number"}.get(
         action.type, getattr(action.type, "expected", "a string"))
     if many:
         kind = f"a list of {action.nargs if isinstance(action.nargs, int) else 'one or more'} " \
@@ -459,7 +473,7 @@ def _typed(path, key, value, action):
             raise bad()
         return None
     if isinstance(action, BoolFlag):
-        if not isinstance(value, bool):
+        if not action.accepts(value):
             raise bad()
         return value
     if many != isinstance(value, list) or (isinstance(action.nargs, int) and len(value) != action.nargs):
@@ -520,7 +534,7 @@ class _ToolParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see --help\n")  # one line, as run_cli prints a UserError
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class _HelpFormatter(HelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)"
         return action.help if action.default is None else super()._get_help_string(action)
 

@@ -227,7 +227,7 @@ def score(args, dirs):
     set_fp32_precision(device, args.fp32_precision)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    prec = make_precision(device, args.amp, args.amp_dtype, args.channels_last)
+    prec = make_precision(device, args.amp, args.amp_dtype, args.channels_last)  # --amp auto: fp32 (no probe)
     paths = [os.path.join(d, FOLD_MODEL) for d in dirs]
 
     def fold_data(fold):

@@ -36,7 +36,7 @@ from engine.checkpoint import (
 from engine.ensemble import load_ensemble, member_threads, train_members
 from engine.loop import NonFiniteLoss, StepTricks, evaluate, make_criterion, train_one_epoch, unwrap  # noqa: F401
 from engine.optim import OptimizerOptions, build_optimizer, scaled_lr
-from engine.precision import make_precision, set_fp32_precision
+from engine.precision import choose_amp, make_precision, set_fp32_precision
 from engine.scheduler import OWN_WARMUP, ScheduleOptions, build_scheduler, plot_lr
 from models import build_model, model_config, model_summary
 from models.pretrained import fetch_weights, load_pretrained, stats_for
@@ -51,6 +51,7 @@ from tricks.init import init_weights, lsuv_init, whiten_stem, zero_init_residual
 from tricks.lookahead import Lookahead
 from tricks.mix import MixOptions, build_mixer
 from tricks.prog_resize import check_any_size, epoch_cost, train_size
+from tricks.sam import SAM
 from tricks.swa import SWA
 from utils.errors import Interrupted, UserError, run_cli
 from utils.logger import setup_logging
@@ -101,6 +102,14 @@ def tta_kwargs(args):
     return dict(tta=args.tta, tta_shift=args.tta_shift)
 
 
+def weight_perturbation(args, model):
+    """The weights perturbed inside each step (the loop's perturb_weights): AWP for --adv awp, SAM (ASAM with
+    --sam_adaptive) for --opt sam, else None. Built after the model is on its device and in its memory format."""
+    if args.adv == "awp":
+        return AWP(model, args.awp_gamma)
+    return SAM(model, args.sam_rho, args.sam_adaptive) if args.opt == "sam" else None
+
+
 def check_args(args, distill=False):
     if args.freeze_epochs and args.freeze_epochs >= args.epochs:
         raise UserError(f"--freeze_epochs {args.freeze_epochs} leaves no epoch to fine-tune in --epochs "
@@ -108,6 +117,9 @@ def check_args(args, distill=False):
     if args.pretrained and (args.init != "default" or args.zero_init_residual or args.whiten_stem):
         raise UserError("--init, --zero_init_residual and --whiten_stem would overwrite the pretrained weights; "
                         "drop them or --pretrained")
+    if args.opt == "sam" and (args.adv == "awp" or args.awp_start_epoch):
+        raise UserError("--opt sam and --adv awp both perturb the weights inside each step (SAM from the first "
+                        "epoch: no --awp_start_epoch); pick one")
     if args.accum_steps > 1 and args.adv == "awp":
         raise UserError("--adv awp takes its own gradient inside each step; it does not combine with "
                         "--accum_steps (use a larger --batch_size)")
@@ -178,7 +190,7 @@ def setup_run(args):
         args.warmup_epochs = warmup
     prec = make_precision(device, args.amp, args.amp_dtype, args.channels_last)
     if args.ensemble == 1:  # an ensemble's members log their own
-        log.info(f"device {prec.device} | amp {prec.dtype if prec.enabled else 'off'} | channels_last "
+        log.info(f"device {prec.device} | amp {prec.mode} | channels_last "
                  f"{prec.channels_last} | fp32 math {args.fp32_precision} | world size {dist.world_size} | "
                  f"threads {torch.get_num_threads()}")
     return dist, prec
@@ -186,7 +198,7 @@ def setup_run(args):
 
 def build_model_for(args, data, prec):
     """The model the flags describe, initialised (--init, --zero_init_residual, --whiten_stem) and on the device,
-    with its config (saved in every checkpoint) and size."""
+    with its config (saved in every checkpoint), its size and the precision (--amp auto decided on it)."""
     weights = fetch_weights(args.model, args.pretrained, args.pretrained_use_ema) if args.pretrained else None
     # normalisation follows the weights' statistics when pretrained, the data's otherwise
     mean, std = stats_for(weights.stats, data.in_chans) if weights and weights.stats else (data.mean, data.std)
@@ -214,7 +226,10 @@ def build_model_for(args, data, prec):
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
     dist_utils.broadcast_module(model)  # ranks seed differently: all start (and EMA/SWA copy) rank 0's init
-    return model, mcfg, {"params": params, "flops": flops}
+    prec, amp_line = choose_amp(prec, model, data.in_chans, data.img_size, min(args.batch_size, 32))
+    if amp_line:
+        log.info(amp_line)
+    return model, mcfg, {"params": params, "flops": flops}, prec
 
 
 def wrap_for_training(model, args, dist, prec):
@@ -268,7 +283,7 @@ def main(args, build_loss=None):
         return summary
 
     # ---- model, optimiser and schedule --------------------------------------------------------
-    model, mcfg, size = build_model_for(args, data, prec)
+    model, mcfg, size, prec = build_model_for(args, data, prec)  # prec: --amp auto is decided on the model
     lr = scaled_lr(options(OptimizerOptions, args), dist.world_size)
     if lr != args.lr:
         log.info(f"linear scaling rule: lr {args.lr} x {args.batch_size * dist.world_size}/{args.lr_base_batch}"
@@ -289,7 +304,7 @@ def main(args, build_loss=None):
     tricks = StepTricks(
         mix=build_mixer(options(MixOptions, args), data.num_classes), attack=build_attack(options(AdvOptions, args)),
         attack_loss=criterion,
-        awp=AWP(model, args.awp_gamma) if args.adv == "awp" else None,
+        perturb_weights=weight_perturbation(args, model),
         prune=(InfoBatch(len(data.train_labels), args.infobatch, args.infobatch_anneal, args.seed, prec.device)
                if args.infobatch else None),
         lookahead=Lookahead(model, args.lookahead_k, args.lookahead_alpha) if args.lookahead_k else None,
@@ -337,7 +352,7 @@ def main(args, build_loss=None):
         epoch_tricks = dataclasses.replace(
             tricks, side=side if args.prog_resize else None,
             mix=None if args.mix_off_epoch and epoch + 1 >= args.mix_off_epoch else tricks.mix,  # epochs from 1
-            awp=tricks.awp if epoch >= args.awp_start_epoch else None,
+            perturb_weights=tricks.perturb_weights if epoch >= args.awp_start_epoch else None,
             freeze=tricks.freeze if tricks.freeze is not None and tricks.freeze.begin_epoch(epoch) else None)
         stats = train_one_epoch(train_model, data.train_loader, optimizer, None if swa_on else sched, criterion,
                                 scaler, prec, epoch, epoch_tricks, progress=progress)
@@ -490,7 +505,8 @@ def summarize_run(args, data, prec, dist, model, ema, swa, mcfg, run, extra):
     summary = {"model": args.model, "dataset": args.dataset, "val_split": data.val_name,
                "epochs": len(history), "final_val_acc": final["val_acc"], "best_val_acc": best_acc,
                "final_val_acc5": final["val_acc5"], "train_seconds": train_seconds,
-               "images_per_second": sum(r["images_per_second"] for r in history) / len(history), **extra}
+               "images_per_second": sum(r["images_per_second"] for r in history) / len(history), **extra,
+               "amp": prec.mode, **({"amp_probe": prec.probe} if prec.probe else {})}
     if ema is not None:
         summary.update(final_val_acc_ema=final["val_acc_ema"],
                        best_val_acc_ema=max(r["val_acc_ema"] for r in history if "val_acc_ema" in r))

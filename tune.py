@@ -83,12 +83,12 @@ def _check(where, name, action, value):
     """`value` as train.py would take it for flag `name` (type, choices, config.RANGES); returns its kind."""
     kind = "bool" if isinstance(action, config.BoolFlag) else {int: "int", float: "float"}.get(action.type, "str")
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = {"bool": isinstance(value, bool), "int": number and isinstance(value, int), "float": number,
+    ok = {"bool": kind == "bool" and action.accepts(value), "int": number and isinstance(value, int), "float": number,
           "str": isinstance(value, str)}[kind]
     allowed = action.choices or NAMED_CHOICES.get(name)
     if not ok or (allowed is not None and value not in allowed):
         raise UserError(f"{where}: {value!r} is not " + (f"one of {', '.join(map(str, allowed))}" if allowed else
-                        {"bool": "true or false", "int": "an integer", "float": "a number"}[kind]))
+                        {"bool": getattr(action, "words", ""), "int": "an integer", "float": "a number"}[kind]))
     try:
         config.validate(argparse.Namespace(**{name: value}), config.get_parser())
     except UserError as e:
@@ -151,9 +151,10 @@ def suggest(trial, name, spec):
 
 
 def to_argv(values, space):
-    """train.py flags for sampled values: booleans as --x / --no_x, floats exactly (repr round-trips)."""
+    """train.py flags for sampled values: booleans as --x / --no_x (`auto` as --x auto), floats exactly (repr
+    round-trips)."""
     return [token for name, v in values.items() for token in (
-        [f"--{name}" if v else f"--no_{name}"] if space[name]["type"] == "bool"
+        [f"--{name}" if v else f"--no_{name}"] if space[name]["type"] == "bool" and isinstance(v, bool)
         else [f"--{name}", repr(v) if isinstance(v, float) else str(v)])]
 
 

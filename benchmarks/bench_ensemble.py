@@ -4,7 +4,7 @@ Each configuration starts its worker processes (train.py's `train_one_epoch` on 
 bench_loop.py); every worker warms up, waits for a common start signal, then times --steps steps. Aggregate
 throughput = all workers' images / (last end - first start). The configurations alternate for --rounds rounds
 (noisy machine). ~3-4 min on a quiet 2-core machine with the defaults.
-    python benchmarks/bench_ensemble.py                       # airnet_m, batch 128, bf16 autocast (best.yaml)
+    python benchmarks/bench_ensemble.py                       # airnet_m, batch 128, bf16 autocast
     python benchmarks/bench_ensemble.py --no_amp --model resnet20
 """
 import argparse
@@ -81,7 +81,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--threads", type=int, default=2, help="the machine's threads, shared by the workers")
     p.add_argument("--members", default="1,2", help="comma list of worker counts to compare")
-    p.add_argument("--amp", action=BoolFlag, default=True, help="bf16 autocast")
+    p.add_argument("--amp", action=BoolFlag, default=True,
+                   help="bf16 autocast, fixed for every worker (no auto: workers probing alone could disagree; "
+                        "bench_precision.py shows what train.py's --amp auto picks here)")
     p.add_argument("--out", default="bench_out/ensemble.json")
     p.add_argument("--worker", action=BoolFlag, help=argparse.SUPPRESS)
     p.add_argument("--sync", help=argparse.SUPPRESS)

@@ -21,7 +21,7 @@ import train  # noqa: E402
 from datasets import build_data  # noqa: E402
 from engine.loop import StepTricks  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from engine.precision import make_precision  # noqa: E402
+from engine.precision import choose_amp, make_precision  # noqa: E402
 from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
 from reporting.environment import describe, environment, write_json  # noqa: E402
@@ -32,8 +32,9 @@ from tricks.kd import DistillationLoss  # noqa: E402
 from tricks.lookahead import Lookahead  # noqa: E402
 from tricks.mix import build_mixer  # noqa: E402
 from tricks.prog_resize import check_any_size  # noqa: E402
+from tricks.sam import SAM  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.flags import BoolFlag
+from utils.flags import BoolAutoFlag, BoolFlag
 
 
 class FixedBatches:
@@ -65,8 +66,8 @@ def bare_loop(model, batches, optimizer, sched, prec, scaler):
         loss.item()
 
 
-TRICKS = ("ema", "lookahead k5", "mixup", "cutmix", "drop_path 0.1", "se", "cbam", "eca", "ca", "fgsm", "pgd-3",
-          "awp", "kd teacher resnet56", "prog_resize 16 px", "prog_resize 20 px", "prog_resize 24 px")
+TRICKS = ("ema", "lookahead k5", "muon", "mixup", "cutmix", "drop_path 0.1", "se", "cbam", "eca", "ca", "fgsm",
+          "pgd-3", "awp", "sam", "kd teacher resnet56", "prog_resize 16 px", "prog_resize 20 px", "prog_resize 24 px")
 
 
 def main(argv=None):
@@ -75,8 +76,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="steps per timed run")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    p.add_argument("--amp", action=BoolFlag, default=False,
-                   help="bf16 autocast (train.py's --amp; off by default, as in train.py)")
+    p.add_argument("--amp", action=BoolAutoFlag, default=False,
+                   help="bf16 autocast (train.py's --amp, auto included; off by default, as in train.py)")
     p.add_argument("--channels_last", action=BoolFlag, default=True)
     p.add_argument("--tricks", default="all", help="comma list of tricks to time, or 'none' / 'all'")
     p.add_argument("--out", default="bench_out/loop.json")
@@ -97,17 +98,23 @@ def main(argv=None):
     batches = FixedBatches([(x.clone(), y.clone()) for x, y in data.train_loader][: b.steps])
     prec = make_precision(torch.device("cpu"), b.amp, "auto", b.channels_last)
 
-    def fresh(**model_kw):
+    def fresh(opt_args=args, **model_kw):
         torch.manual_seed(0)
         m = build_model(b.model, data.num_classes, data.in_chans, data.img_size, data.mean, data.std, **model_kw)
         if prec.channels_last:
             m.to(memory_format=torch.channels_last)
-        opt = build_optimizer(m, args, args.lr)
-        return m, opt, build_scheduler(opt, args, len(batches)), prec.scaler()
+        opt = build_optimizer(m, opt_args, opt_args.lr)
+        return m, opt, build_scheduler(opt, opt_args, len(batches)), prec.scaler()
 
-    def loop_variant(model_kw=None, **tricks):
-        m, opt, sched, scaler = fresh(**(model_kw or {}))
-        extra = {k: v(m) if callable(v) and k in ("ema", "awp", "lookahead") else v for k, v in tricks.items()}
+    prec, amp_line = choose_amp(prec, fresh()[0], data.in_chans, data.img_size, min(b.batch_size, 32))  # --amp auto
+    if amp_line:
+        print(amp_line)
+
+    def loop_variant(model_kw=None, opt_name=None, **tricks):  # opt_name: another --opt
+        opt_args = argparse.Namespace(**{**vars(args), "opt": opt_name}) if opt_name else args
+        m, opt, sched, scaler = fresh(opt_args, **(model_kw or {}))
+        extra = {k: v(m) if callable(v) and k in ("ema", "perturb_weights", "lookahead") else v
+                 for k, v in tricks.items()}
         crit = extra.pop("criterion", train.make_criterion())
         step_tricks = StepTricks(attack_loss=train.make_criterion(), **extra)
         return lambda: train.train_one_epoch(m, batches, opt, sched, crit, scaler, prec, 0, step_tricks)
@@ -133,6 +140,7 @@ def main(argv=None):
     tricks = {
         "ema": lambda: loop_variant(ema=lambda m: ModelEMA(m, 0.999)),
         "lookahead k5": lambda: loop_variant(lookahead=lambda m: Lookahead(m, 5, 0.5)),
+        "muon": lambda: loop_variant(opt_name="muon"),
         "mixup": lambda: loop_variant(mix=mix_args(mixup_alpha=0.2)),
         "cutmix": lambda: loop_variant(mix=mix_args(cutmix_alpha=1.0)),
         "drop_path 0.1": lambda: loop_variant(model_kw={"drop_path_rate": 0.1}),
@@ -142,7 +150,8 @@ def main(argv=None):
         "ca": lambda: loop_variant(model_kw={"attention": "ca"}),
         "fgsm": lambda: loop_variant(attack=attack("fgsm")),
         "pgd-3": lambda: loop_variant(attack=attack("pgd", 3)),
-        "awp": lambda: loop_variant(awp=lambda m: AWP(m, 0.005)),
+        "awp": lambda: loop_variant(perturb_weights=lambda m: AWP(m, 0.005)),
+        "sam": lambda: loop_variant(opt_name="sam", perturb_weights=lambda m: SAM(m, 0.05)),
         "kd teacher resnet56": lambda: loop_variant(teacher=teacher, criterion=DistillationLoss(4.0, 0.5, 0.0)),
         "prog_resize 16 px": lambda: resized(16),
         "prog_resize 20 px": lambda: resized(20),
@@ -170,7 +179,7 @@ def main(argv=None):
                      "ratio_to_train_py": med / base})
     bare = next(r for r in rows if r["variant"] == "bare loop")
     plain = next(r for r in rows if r["variant"] == "train.py (no tricks)")
-    result = {"model": b.model, "batch_size": b.batch_size, "steps": b.steps, "rounds": b.rounds, "amp": b.amp,
+    result = {"model": b.model, "batch_size": b.batch_size, "steps": b.steps, "rounds": b.rounds, "amp": prec.mode,
               "channels_last": b.channels_last, "threads": torch.get_num_threads(),
               "loop_efficiency": plain["images_per_second"] / bare["images_per_second"], "rows": rows}
     print("| variant | img/s | ms/step | time vs train.py step |\n|---|---|---|---|")

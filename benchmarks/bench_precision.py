@@ -4,8 +4,9 @@
 train.py's `train_one_epoch` on fixed pre-gathered batches (as bench_loop.py); every variant at every --threads
 setting, alternating round by round in one process; compile time reported apart. bf16 paid 2.2x+ on AMX
 Xeons and on an AMD Zen 4 (AVX512-BF16, no AMX) but lost on an AVX512-BF16 Xeon, so the CPU's ISA goes in the
-JSON's environment. Quiet 2-core machine: ~5-7 min (~3 of it compiling on a cold Inductor cache, far less warm);
---quick (resnet8, 2 steps, 1 round): ~1-2 min cold, seconds with --no_compile.
+JSON's environment, next to what train.py's `--amp auto` probe picks here. Quiet 2-core machine: ~5-7 min (~3 of
+it compiling on a cold Inductor cache, far less warm); --quick (resnet8, 2 steps, 1 round): ~1-2 min cold,
+seconds with --no_compile.
     python benchmarks/bench_precision.py
     python benchmarks/bench_precision.py --quick
 """
@@ -23,7 +24,7 @@ import config  # noqa: E402
 import train  # noqa: E402
 from datasets import build_data  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from engine.precision import bf16_conv_math_active, make_precision, set_fp32_precision  # noqa: E402
+from engine.precision import bf16_conv_math_active, choose_amp, make_precision, set_fp32_precision  # noqa: E402
 from engine.scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
 from reporting.environment import describe, environment, write_json  # noqa: E402
@@ -56,6 +57,7 @@ def main():
     if b.quick:
         b.models, b.steps, b.rounds = "resnet8", 2, 1
     threads = [int(t) for t in b.threads.split(",")]
+    default_threads = torch.get_num_threads()  # train.py's without --threads
     env = environment()
     print(describe(env))
     variants = {k: v for k, v in VARIANTS.items() if b.compile or not v[2]}
@@ -128,9 +130,20 @@ def main():
             for m, r in fastest.items() if variants[r["variant"]][2]}
     print("fastest: " + "; ".join(f"{m}: {r['variant']}, threads={r['threads']}, {r['images_per_second']:.0f} img/s "
                                     f"({r['train_py_flags']}{once.get(m, '')})" for m, r in fastest.items()))
+    torch.set_num_threads(default_threads)
+    set_fp32_precision(torch.device("cpu"), "ieee")
+    amp_auto = {}
+    for model_name in b.models.split(","):  # what train.py --amp auto picks here (channels_last, as the default)
+        torch.manual_seed(0)
+        m = build_model(model_name, data.num_classes, data.in_chans, data.img_size, data.mean, data.std)
+        prec, line = choose_amp(make_precision(torch.device("cpu"), "auto", "auto", True),
+                                m.to(memory_format=torch.channels_last), data.in_chans, data.img_size,
+                                min(b.batch_size, 32))
+        print(f"{model_name}, threads={default_threads}: {line}")
+        amp_auto[model_name] = {"amp": prec.mode, "threads": default_threads, **(prec.probe or {})}
     result = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch_size": b.batch_size,
               "steps": b.steps, "rounds": b.rounds, "threads": threads, "rows": rows,
-              "compile_seconds": compile_seconds,
+              "compile_seconds": compile_seconds, "amp_auto": amp_auto,
               "fastest": {m: {k: r[k] for k in ("variant", "threads", "images_per_second", "train_py_flags")}
                           for m, r in fastest.items()}}
     write_json(b.out, result, env)

@@ -1,9 +1,10 @@
 """The training loop: `train_one_epoch` and `evaluate`, and the one criterion.
 
 Every trick enters `train_one_epoch` at one visible call point, in this order: progressive resize, batch mixing
-(`mix`), adversarial inputs (`attack`), the distillation teacher, adversarial weights (`awp`), forward + loss
-(InfoBatch's per-sample weights: `prune`), backward, clipping, optimizer and scaler step, schedule, `lookahead`,
-`ema`. train.py builds the tricks (each None when off) and hands them over in one `StepTricks`.
+(`mix`), adversarial inputs (`attack`), the distillation teacher, weight perturbation (`perturb_weights`: AWP,
+SAM), forward + loss (InfoBatch's per-sample weights: `prune`), backward, restoring the weights, clipping, optimizer
+and scaler step, schedule, `lookahead`, `ema`. train.py builds the tricks (each None when off) and hands them over
+in one `StepTricks`.
 """
 import contextlib
 import functools
@@ -32,7 +33,9 @@ class StepTricks:
     """What acts inside a training step besides forward, backward and the optimizer: each trick None when off.
 
     mix: (x, y) -> (x, y_soft) (tricks/mix.py). attack: .perturb(model, x, y, loss) -> x_adv (tricks/adversarial.py),
-    with `attack_loss` (the plain criterion, also AWP's). awp: .perturb(x, y, loss) / .restore() (tricks/awp.py).
+    with `attack_loss` (the plain criterion, also the weight perturbation's). perturb_weights: .perturb(x, y, loss) /
+    .restore() around the forward and backward, the gradient taken at perturbed weights applied at the restored ones
+    (AWP, tricks/awp.py; SAM, tricks/sam.py).
     teacher: distillation, criterion(logits, y, teacher_logits). prune: InfoBatch (tricks/infobatch.py): the loader
     yields sample indices too and the loss is its weighted per-sample mean. lookahead, ema: stepped after every
     optimizer step. side: train at side x side (progressive resizing). clip_grad: max global grad norm (0 = off).
@@ -47,7 +50,7 @@ class StepTricks:
     mix: Callable | None = None
     attack: Any = None
     attack_loss: Callable | None = None
-    awp: Any = None
+    perturb_weights: Any = None
     teacher: torch.nn.Module | None = None
     prune: Any = None
     lookahead: Any = None
@@ -109,9 +112,9 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
         if t.teacher is not None:
             with torch.no_grad(), prec.autocast():
                 teacher_logits = t.teacher(x)  # sees exactly the student's (mixed, perturbed) batch
-        if t.awp is not None:
+        if t.perturb_weights is not None:
             with prec.autocast():
-                t.awp.perturb(x, y, t.attack_loss)  # weights w -> w + v (worst case near w)
+                t.perturb_weights.perturb(x, y, t.attack_loss)  # weights w -> w + v (worst case near w)
 
         k, micro = divmod(step, accum)  # optimizer step k, its micro-batch `micro`
         group = min(accum, num_batches - k * accum)  # micro-batches summed into step k
@@ -131,8 +134,8 @@ def train_one_epoch(model, loader, optimizer, sched, criterion, scaler, prec, ep
             if (step + 1) % sync_every == 0 and not dist_utils.all_finite(loss_sum.item(), prec.device):
                 raise _non_finite(epoch, step, sync_every)  # on every rank together (all_finite is a collective)
             scaler.scale(loss / group).backward()  # the mean over the step's micro-batches, as one big batch
-        if t.awp is not None:
-            t.awp.restore()  # back to w exactly: the gradient taken at w + v is applied at w
+        if t.perturb_weights is not None:
+            t.perturb_weights.restore()  # back to w exactly: the gradient taken at w + v is applied at w
         correct += topk_hits(logits.detach(), y, topk=(1,))[0]
         seen += n
         if not stepping:

@@ -4,6 +4,8 @@ Linear scaling rule: lr proportional to the global batch size (Goyal et al. 2017
 Norm-bias lr scale (airbench, Jordan 2024): normalisation-layer biases get lr x S and weight decay / S, so their
 decay per step (lr x wd) is unchanged while they move S times faster.
 For adam/adamw/lion, --momentum is beta1 (0.9, Adam's default); --nesterov applies to SGD only. Lion: engine/lion.py.
+Muon (engine/muon.py) trains the hidden weight matrices at --muon_lr, an SGD or AdamW the rest at --lr. SAM is the
+loop's weight perturbation (tricks/sam.py) around the optimiser built here for --sam_base.
 Fine-tuning: layer-wise lr decay (lr x G^depth from the head, stages from the model's top-level children) and
 the head's own lr scale.
 """
@@ -14,12 +16,14 @@ import torch
 from torch import nn
 
 from engine.lion import Lion
+from engine.muon import MuonWithAux, muon_param_groups
 from models.pretrained import classifier_head
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lion", "muon", "sam")
+SAM_BASES = ("sgd", "adam", "adamw", "lion")  # the optimisers --opt sam steps with
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
@@ -38,6 +42,10 @@ class OptimizerOptions:
     layer_decay: float = 1.0
     head_lr_scale: float = 1.0
     lion_beta2: float = 0.99
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_aux: str = "sgd"
+    sam_base: str = "sgd"
 
 
 def param_groups_no_bias_decay(model, weight_decay):
@@ -80,16 +88,24 @@ def build_optimizer(model, cfg, lr):
         params = scale_norm_bias_lr(params, model, lr, cfg.norm_bias_lr_scale)
     if cfg.layer_decay != 1 or cfg.head_lr_scale != 1:
         params = scale_lr_by_depth(params, getattr(model, "net", model), lr, cfg.layer_decay, cfg.head_lr_scale)
-    if cfg.opt == "sgd":
-        if cfg.nesterov and cfg.momentum <= 0:
-            raise UserError("Nesterov SGD needs --momentum > 0; pass a momentum or --no_nesterov")
+    opt = cfg.opt
+    if opt == "sam":  # the loop perturbs the weights (tricks/sam.py); this optimiser steps
+        if cfg.sam_base not in SAM_BASES:
+            raise UserError(f"unknown --sam_base {cfg.sam_base!r}; choose one of {', '.join(SAM_BASES)}")
+        opt = cfg.sam_base
+    if cfg.nesterov and cfg.momentum <= 0 and (opt == "sgd" or opt == "muon" and cfg.muon_aux == "sgd"):
+        raise UserError("Nesterov SGD needs --momentum > 0; pass a momentum or --no_nesterov")
+    if opt == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
-    if cfg.opt in ("adam", "adamw"):
-        cls = torch.optim.Adam if cfg.opt == "adam" else torch.optim.AdamW  # Adam: L2; AdamW: decoupled
+    if opt in ("adam", "adamw"):
+        cls = torch.optim.Adam if opt == "adam" else torch.optim.AdamW  # Adam: L2; AdamW: decoupled
         return cls(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-    if cfg.opt == "lion":  # --momentum is beta1, --lion_beta2 beta2; decoupled weight decay
+    if opt == "lion":  # --momentum is beta1, --lion_beta2 beta2; decoupled weight decay
         return Lion(params, lr=lr, betas=(cfg.momentum, cfg.lion_beta2), weight_decay=cfg.weight_decay)
+    if opt == "muon":  # hidden weight matrices at --muon_lr (x each group's lr factor), the rest at lr
+        return MuonWithAux(muon_param_groups(params, model, lr, cfg.muon_lr), lr, cfg.weight_decay, cfg.muon_aux,
+                           cfg.momentum, cfg.nesterov, cfg.muon_momentum)
     raise UserError(f"unknown --opt {cfg.opt!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

@@ -1,10 +1,15 @@
-"""Numeric precision: autocast + GradScaler chosen once (a no-op when off), channels_last inputs, and the fp32
-math mode of convolutions and matmuls (--fp32_precision)."""
-from dataclasses import dataclass
+"""Numeric precision: autocast + GradScaler chosen once (a no-op when off), channels_last inputs, `--amp auto`
+(bf16 where this CPU or GPU trains faster in it: choose_amp), and the fp32 math mode of convolutions and matmuls
+(--fp32_precision)."""
+import copy
+import statistics
+import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from engine.distributed import all_gather_object
 from utils.errors import UserError
 
 FP32_PRECISIONS = ("default", "ieee", "bf16", "tf32")
@@ -17,6 +22,15 @@ class Precision:
     dtype: torch.dtype
     enabled: bool
     channels_last: bool
+    auto: bool = False  # --amp auto, not decided yet: off until choose_amp decides with the model
+    probe: dict | None = None  # choose_amp's measured speeds, for the run's summary
+
+    @property
+    def mode(self):
+        """What autocast does, in words: bf16, fp16, off, or auto (not decided yet)."""
+        if self.auto:
+            return "auto"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype] if self.enabled else "off"
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.enabled)
@@ -34,6 +48,12 @@ class Precision:
 
 
 def make_precision(device, amp, amp_dtype="auto", channels_last=False):
+    """amp: True (autocast on), False (off) or "auto": bf16 or off, decided by choose_amp once the model exists;
+    a tool that never calls it (evaluation, prediction) runs fp32."""
+    if amp == "auto":
+        if amp_dtype == "fp16":
+            raise UserError("--amp auto chooses between bf16 and fp32; for fp16 pass --amp --amp_dtype fp16")
+        return Precision(device, torch.bfloat16, False, bool(channels_last), auto=True)
     if amp_dtype == "auto":
         if device.type == "cuda":
             # bf16 tensor cores from Ampere (compute capability 8) on; is_bf16_supported() also says yes for
@@ -46,6 +66,72 @@ def make_precision(device, amp, amp_dtype="auto", channels_last=False):
     if amp and device.type == "cpu" and dtype == torch.float16:
         raise UserError("--amp_dtype fp16 is not supported on CPU; use --amp_dtype bf16 (or auto)")
     return Precision(device, dtype, bool(amp), bool(channels_last))
+
+
+def choose_amp(prec, model, in_chans, side, batch_size=32, steps=3, min_speedup=1.1, min_seconds=0.3):
+    """--amp auto: (`prec` with bf16 autocast on or off, the log line saying why); `prec` as it is when not auto.
+
+    CUDA: bf16 from compute capability 8 (bf16 tensor cores), else off; a function of the device, so every
+    torchrun rank agrees. CPU: bf16 autocast runs from 10x slower than fp32 (an AVX2 AMD EPYC) to 1.4x faster
+    (AMD Zen 4, AVX512-BF16) and 2x+ (AMX Xeons), and loses on AVX-512 Xeons without AMX, so a short probe
+    (probe_speeds) times `model` in both and bf16 stays on only when `min_speedup` times faster; rank 0's
+    measurement decides for every rank. A CPU for which oneDNN has no bf16 kernels is not probed.
+    """
+    if not prec.auto:
+        return prec, None
+    if prec.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(prec.device)
+        on = major >= 8
+        why = ("has bf16 tensor cores -> bf16 on" if on else
+               "has no bf16 tensor cores -> amp off (pass --amp for fp16 with loss scaling)")
+        return replace(prec, enabled=on, auto=False), f"amp auto: GPU compute capability {major}.{minor} {why}"
+    speeds = (probe_speeds(model, in_chans, side, batch_size, steps, prec.channels_last, min_seconds)
+              if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)
+    speeds = all_gather_object(speeds)[0]  # every rank joins, probed or not
+    if speeds is None:
+        return replace(prec, auto=False), "amp auto: oneDNN has no bf16 kernels for this CPU -> bf16 off (fp32)"
+    fp32, bf16 = speeds
+    on = bf16 >= min_speedup * fp32
+    probe = {"fp32_images_per_second": fp32, "bf16_images_per_second": bf16}
+    return (replace(prec, enabled=on, auto=False, probe=probe),
+            f"amp auto: bf16 {bf16:.0f} img/s vs fp32 {fp32:.0f} img/s -> bf16 {'on' if on else 'off'}")
+
+
+def probe_speeds(model, in_chans, side, batch_size=32, steps=3, channels_last=False, min_seconds=0.0, most=200):
+    """(fp32, bf16 autocast) training images per second of `model`: the median forward + backward pass of a deep
+    copy on random batch_size x in_chans x side x side inputs. After a warm-up pass in each, the timed passes
+    alternate fp32, bf16, fp32, ... so that both see the same load on a busy machine. fp32 makes `steps` of them,
+    more (up to `most`) while they add up to under `min_seconds` (a small model's passes are too short to time one
+    at a time). bf16 stops once it has taken longer than fp32's whole probe (as far as known: its warm-up plus
+    `steps` passes of its median), so a CPU where bf16 is 10x slower pays one slow pass; its speed then comes from
+    the passes it made. The run's weights, BatchNorm statistics and random state are untouched.
+    """
+    device = next(model.parameters()).device
+    x = torch.rand(batch_size, in_chans, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout, drop path
+        probe = copy.deepcopy(model).train()
+        fp32 = [_step_seconds(probe, x, None)]
+        bf16 = [_step_seconds(probe, x, torch.bfloat16)]
+        racing = True
+        while len(fp32) <= max(steps, 1) or (sum(fp32[1:]) < min_seconds and len(fp32) <= most):
+            fp32.append(_step_seconds(probe, x, None))
+            fp32_need = fp32[0] + max(steps * statistics.median(fp32[1:]), min_seconds)
+            racing = racing and sum(bf16) <= fp32_need
+            if racing:
+                bf16.append(_step_seconds(probe, x, torch.bfloat16))
+    return batch_size / statistics.median(fp32[1:]), batch_size / statistics.median(bf16[1:] or bf16)
+
+
+def _step_seconds(model, x, dtype):
+    """Seconds of one forward + backward pass, under autocast to `dtype` (None: fp32)."""
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = model(x)
+    out.float().mean().backward()
+    return time.perf_counter() - start
 
 
 def bf16_conv_math_active():

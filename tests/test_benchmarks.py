@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, needs_fmnist, run_script
+from PIL import Image
 
 from reporting.environment import describe, environment
 
@@ -39,8 +40,8 @@ def test_bench_loop_every_trick(tmp_path):
     res, out = _run("bench_loop.py", tmp_path, "--model", "resnet8", "--batch_size", "8", "--steps", "2",
                     "--rounds", "1", "--no_amp")
     rows = {r["variant"]: r for r in res["rows"]}
-    assert {"bare loop", "train.py (no tricks)", "ema", "lookahead k5", "mixup", "cutmix", "awp", "pgd-3",
-            "kd teacher resnet56", "se", "cbam", "eca", "ca", "fgsm", "drop_path 0.1", "prog_resize 16 px",
+    assert {"bare loop", "train.py (no tricks)", "ema", "lookahead k5", "muon", "mixup", "cutmix", "awp", "sam",
+            "pgd-3", "kd teacher resnet56", "se", "cbam", "eca", "ca", "fgsm", "drop_path 0.1", "prog_resize 16 px",
             "prog_resize 20 px", "prog_resize 24 px"} == set(rows)
     assert rows["train.py (no tricks)"]["ratio_to_train_py"] == 1.0
     plain = rows["train.py (no tricks)"]
@@ -76,16 +77,88 @@ def test_bench_loop_skips_tricks_the_model_lacks_and_refuses_unknown_ones(tmp_pa
 
 @needs_fmnist
 def test_bench_data_quick(tmp_path):
-    res, _ = _run("bench_data.py", tmp_path, "--quick", "--model", "resnet8", "--batch_size", "16",
-                  "--workers", "0")
+    """In-memory rows, and the image folder (PNG, JPEG, JPEG stored at 64 px) read by train.py's file loader
+    with each --workers, alone and feeding the step; the CSV beside the JSON holds the same rows."""
+    import config
+    from reporting.environment import read_csv
+    res, out = _run("bench_data.py", tmp_path, "--quick", "--model", "resnet8", "--batch_size", "16",
+                    "--threads", "1", "--workers", "0,1")
+    folders = ["image folder, PNG 28 px", "image folder, JPEG 28 px", "image folder, JPEG 64 px resized to 28"]
+    fast_path = "in-memory + batch aug (fast path)"
+    assert [(r["path"], r["workers"]) for r in res["rows"]] == [
+        ("in-memory, no aug (floor)", None), (fast_path, None), ("in-memory + imgaug seed preset", None),
+        *((f, w) for f in folders for w in (0, 1))]
+    d = config.training_defaults()
+    amp = {False: ["fp32"], True: ["bf16 autocast"], "auto": ["fp32", "bf16 autocast"]}[d.amp]  # train.py's default
+    assert res["step"]["precision"] in [a + " channels_last" * d.channels_last for a in amp]
     step_ms = res["step"]["ms_per_batch"]
+    assert math.isclose(res["step"]["images_per_second"] * step_ms / 1000, 16, rel_tol=1e-9)
     for r in res["rows"]:
+        assert r["images_per_second"] > 0 and 0 < r["data_share"] < 1
         assert math.isclose(r["data_share"], r["data_ms_per_batch"] / (r["data_ms_per_batch"] + step_ms),
                             rel_tol=1e-9)
         assert math.isclose(r["images_per_second"] * r["data_ms_per_batch"] / 1000, 16, rel_tol=1e-9)
-    fast = next(r for r in res["rows"] if "fast path" in r["path"])
+        if r["workers"] is None and r["path"] != fast_path:
+            assert r["end_to_end_images_per_second"] is None
+        else:  # end to end: the loader feeding the real step
+            assert r["end_to_end_images_per_second"] > 0
+            assert math.isclose(r["end_to_end_vs_step"] * step_ms / 1000 * r["end_to_end_images_per_second"], 16,
+                                rel_tol=1e-9)
+    fast = next(r for r in res["rows"] if r["path"] == fast_path)
     assert res["fast_path_data_share"] == fast["data_share"]
     assert res["target_met"] == (fast["data_share"] <= 0.05)
+    assert list(res["folder_advice"]) == folders
+    for name, advice in res["folder_advice"].items():
+        own = [r for r in res["rows"] if r["path"] == name]
+        within = [r["workers"] for r in own if r["data_share"] <= res["folder_target"]]
+        assert advice["fewest_workers_within_target"] == (min(within) if within else None)
+        best = max(own, key=lambda r: r["end_to_end_images_per_second"])
+        assert advice["fastest_end_to_end_workers"] == best["workers"]
+        assert f"{name}: data <= 10% of the step from --workers" in out
+    env, rows = read_csv(tmp_path / "out.csv")
+    assert env == json.loads((tmp_path / "out.json").read_text())["environment"]
+    assert len(rows) == len(res["rows"])
+    for row, r in zip(rows, res["rows"]):
+        assert row["data_path"] == r["path"] and row["workers"] == ("" if r["workers"] is None else str(r["workers"]))
+        assert float(row["img_s"]) == r["images_per_second"] and float(row["share_of_step"]) == r["data_share"]
+        assert row["torch"] == torch.__version__ and row["date"] == env["date"][:10] and env["isa"] in row["cpu"]
+        assert row["command"] == res["command"] and row["command"].startswith("python benchmarks/bench_data.py --quick")
+
+
+@needs_fmnist
+def test_bench_data_folder_holds_the_subset(tmp_path):
+    """The image folder bench_data.py times holds its Fashion-MNIST images under their labels, grey, at the size
+    stored: PNG bit for bit; read back by the file loader at 28 px, each JPEG (also those stored at 64 px) is
+    closer to its own original than to any other image of the subset."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_data import write_folder
+
+    from datasets.fashion_mnist import load_fashion_mnist
+    from datasets.files import load_image, read_imagefolder
+    x, y = load_fashion_mnist("data")[:2]
+    x, y = x[:40], y[:40]
+    for fmt, side in (("PNG", 28), ("JPEG", 28), ("JPEG", 64)):
+        splits = read_imagefolder(write_folder(str(tmp_path / f"{fmt}{side}"), x, y, fmt, side))
+        paths, names = splits["train"]
+        assert len(paths) == 40 and sorted(splits["val"][1]) == sorted({str(v) for v in y.tolist()})
+        for path, name in zip(paths, names):
+            i = int(os.path.splitext(os.path.basename(path))[0])
+            assert name == str(int(y[i])) and path.endswith(".png" if fmt == "PNG" else ".jpg")
+            with Image.open(path) as img:
+                assert img.mode == "L" and img.size == (side, side)
+            back = load_image(path, 1, 28)
+            errors = (back.float() - x.float()).abs().mean((1, 2, 3))
+            assert int(errors.argmin()) == i and (fmt != "PNG" or errors[i] == 0)
+
+
+def test_time_alternately_takes_a_runs_own_seconds():
+    """A run that returns a float has timed itself; any other run is timed whole, warm-up excluded."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from timing import time_alternately
+    calls = []
+    times = time_alternately({"own": lambda: calls.append("own") or 0.25, "whole": lambda: calls.append("whole")}, 2)
+    assert calls == ["own", "whole"] * 3  # one warm-up round, then two timed ones, in turn
+    assert times["own"] == [0.25, 0.25] and all(0 <= t < 1 for t in times["whole"])
 
 
 @needs_fmnist

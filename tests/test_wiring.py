@@ -23,7 +23,7 @@ def test_trick_flags_reach_the_run(tmp_path, monkeypatch):
 
     def spy_epoch(*a, **kw):
         tricks = a[8]  # the StepTricks bundle
-        names = ("mix", "attack", "awp", "ema", "clip_grad")
+        names = ("mix", "attack", "perturb_weights", "ema", "clip_grad")
         seen.setdefault("epochs", []).append({k: getattr(tricks, k) for k in names})
         return orig_step(*a, **kw)
 
@@ -43,7 +43,7 @@ def test_trick_flags_reach_the_run(tmp_path, monkeypatch):
     first, second = seen["epochs"]
     assert first["mix"] is not None and second["mix"] is None  # --mix_off_epoch 2: mixing stops at epoch 2
     assert first["attack"] is not None and first["attack"].kind == "fgsm" and first["clip_grad"] == 1.0
-    assert first["ema"] is not None and first["awp"] is None
+    assert first["ema"] is not None and first["perturb_weights"] is None
     for key in ("final_val_acc_ema", "swa_val_acc", "test_acc_swa", "robust_val_acc"):
         assert key in summary, key
     assert summary["robust_val_acc"] <= summary["final_val_acc"] + 1e-9
@@ -74,7 +74,7 @@ def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypa
 
     def spy_epoch(*a, **kw):
         prec = a[6]
-        seen["epochs"].append({"awp": a[8].awp, "dtype": prec.dtype, "threads": torch.get_num_threads(),
+        seen["epochs"].append({"awp": a[8].perturb_weights, "dtype": prec.dtype, "threads": torch.get_num_threads(),
                                "compiled": isinstance(a[0], torch.nn.Sequential)})
         return orig_epoch(*a, **kw)
 

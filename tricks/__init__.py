@@ -1,2 +1,3 @@
 """One file per trick: weight averaging (ema, swa, lookahead), batch mixing (mix), adversarial training
-(adversarial, awp), data pruning (infobatch), initialisation (init), distillation (kd), progressive resizing."""
+(adversarial, awp), sharpness-aware minimisation (sam), data pruning (infobatch), initialisation (init),
+distillation (kd), progressive resizing."""
