@@ -186,7 +186,7 @@ def plan(spec, out, seeds, threads, only=None):
         for seed in seeds:
             run_dir = os.path.join(out, v["slug"], f"seed{seed}")
             argv = [*tokens, "--seed", str(seed), "--output_dir", run_dir, "--threads", str(threads)]
-            expected = vars(resolve(spec["base"], rest, argv, f"variant {v['name']!r}"))
+            expected = vars(config.resolve_infobatch(resolve(spec["base"], rest, argv, f"variant {v['name']!r}")))
             cv = expected["fold"] == "all"  # crossval.py resumes its folds when the same command reruns
             if cv and expected["kfold"] < 2:
                 raise UserError(f"variant {v['name']!r}: fold: all cross-validates and needs kfold: K with K >= 2")

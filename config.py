@@ -67,6 +67,40 @@ def fold_value(text):
 fold_value.expected = "a fold number (0..K-1) or all"
 
 
+def rate_or_auto(text):
+    """--infobatch's value: a number, or `auto` (train.py decides from the other flags)."""
+    if str(text) == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise _FoldValueError(f"{text!r} is not a number or auto") from None
+
+
+rate_or_auto.expected = "a number or auto"
+AUTO_INFOBATCH = 0.5  # --infobatch auto's rate (the paper's)
+
+
+def infobatch_clash(args, distill=False):
+    """The first setting under which a training loss is not one plain sample's own (InfoBatch scores samples by
+    their losses), or None."""
+    for flag, on in (("--mixup_alpha/--cutmix_alpha/--mosaic (mixed samples have no own loss)",
+                      args.mixup_alpha or args.cutmix_alpha or args.mosaic),
+                     (f"--adv {args.adv}", args.adv != "none"), ("--balanced_sampler", args.balanced_sampler),
+                     ("train_distill.py (its loss is not per sample)", distill)):
+        if on:
+            return flag
+    return None
+
+
+def resolve_infobatch(args, distill=False):
+    """--infobatch auto (the default) -> AUTO_INFOBATCH where every training loss is one plain sample's own, else 0;
+    run once before the flags are saved, so config.yaml and checkpoints hold the rate that trained."""
+    if args.infobatch == "auto":
+        args.infobatch = 0.0 if infobatch_clash(args, distill) else AUTO_INFOBATCH
+    return args
+
+
 def _add_data_args(p):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fashion_mnist", help=f"one of {', '.join(DATASETS)}")
@@ -135,7 +169,7 @@ def _add_finetune_args(p):
 
 def _add_optim_args(p):
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=8)
+    g.add_argument("--epochs", type=int, default=7)
     g.add_argument("--batch_size", type=int, default=256, help="per-process batch size")
     g.add_argument("--accum_steps", type=int, default=1, metavar="K",
                    help="sum the gradients of K batches before each optimizer step (an effective batch of "
@@ -164,10 +198,12 @@ def _add_optim_args(p):
     g.add_argument("--lr_base_batch", type=int, default=0,
                    help="linear scaling rule: lr = lr * batch_size * world_size / B (0 = off)")
     g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global grad norm (0 = off)")
-    g.add_argument("--label_smoothing", type=float, default=0.0)
-    g.add_argument("--infobatch", type=float, default=0.0, metavar="R",
+    g.add_argument("--label_smoothing", type=float, default=0.1)
+    g.add_argument("--infobatch", type=rate_or_auto, default="auto", metavar="R",
                    help="InfoBatch data pruning: each epoch leaves out a random fraction R of the samples whose last "
-                        "loss is below the mean and up-weights the rest of them (0 = off; paper: 0.5)")
+                        "loss is below the mean and up-weights the rest of them (0 = off; paper: 0.5). auto: 0.5 "
+                        "where every training loss is a plain sample's own (no batch mixing, adversarial training, "
+                        "balanced sampler or distillation), else off")
     g.add_argument("--infobatch_anneal", type=float, default=0.875, metavar="FRAC",
                    help="--infobatch prunes in this fraction of the epochs; the rest train on every sample")
 
@@ -234,7 +270,7 @@ def _add_averaging_args(p):
 
 def _add_aug_args(p):
     g = p.add_argument_group("augmentation (per sample)")
-    g.add_argument("--hflip", type=float, default=0.0, metavar="P")
+    g.add_argument("--hflip", type=float, default=0.5, metavar="P")
     g.add_argument("--hflip_mode", default="random", choices=("random", "alternate"),
                    help="alternate (in-memory data, --hflip 0.5): each image is flipped in every other epoch, "
                         "starting from a seeded random half (airbench)")
@@ -302,12 +338,12 @@ def _add_run_args(p):
     g.add_argument("--ckpt", default=None, nargs="+", metavar="PATH",
                    help="checkpoint for --eval_only; several: evaluate their ensemble (mean of softmax)")
     g.add_argument("--use_ema", action=BoolFlag, help="--eval_only: evaluate the EMA weights")
-    g.add_argument("--tta", action=BoolFlag, help="evaluate with horizontal-flip test-time augmentation")
+    g.add_argument("--tta", action=BoolFlag, default=True, help="evaluate with horizontal-flip test-time augmentation")
     g.add_argument("--tta_shift", type=int, default=0, metavar="PX",
                    help="test-time augmentation: also average views translated by +-PX pixels (and, with --tta, "
                         "their mirrors)")
-    g.add_argument("--eval_interval", type=int, default=1, metavar="N",
-                   help="evaluate every N epochs and after the last one (long recipes spend less time evaluating)")
+    g.add_argument("--eval_interval", type=int, default=0, metavar="N",
+                   help="evaluate every N epochs and after the last one; 0: after the last one only")
     g.add_argument("--time_budget", type=float, default=0.0, metavar="MIN",
                    help="fit the run into MIN minutes of wall time: after every epoch plan the most epochs (at "
                         "most --epochs) that fit, re-fitting a cosine/onecycle/poly schedule to them (0 = off)")
@@ -329,7 +365,7 @@ def _add_run_args(p):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--cuda", action=BoolFlag, help="use CUDA when available, else warn and use CPU")
     g.add_argument("--gpus", default=None, help="e.g. 0,1: sets CUDA_VISIBLE_DEVICES before CUDA starts")
-    g.add_argument("--amp", action=BoolAutoFlag, default=False,
+    g.add_argument("--amp", action=BoolAutoFlag, default="auto",
                    help="autocast: bf16 on CPU (2x+ on AMX CPUs, 1.4x on AMD Zen 4, slower on some AVX-512 Xeons); "
                         "bf16, or fp16 + GradScaler, on CUDA. auto: on CPU time a few steps of the model in fp32 "
                         "and bf16 at start and keep bf16 only if it is 1.1x+ faster; on CUDA bf16 from compute "
@@ -383,7 +419,7 @@ RANGES = {
     "mix_off_epoch": (0, _INF),
     "adv_eps": _P, "adv_alpha": (0, _INF), "adv_steps": (1, _INF), "awp_gamma": (0, _INF, "open"),
     "awp_start_epoch": (0, _INF), "eval_adv_steps": (1, _INF),
-    "tta_shift": (0, _INF), "eval_interval": (1, _INF), "time_budget": (0, _INF), "seed": (0, 2**63 - 1),
+    "tta_shift": (0, _INF), "eval_interval": (0, _INF), "time_budget": (0, _INF), "seed": (0, 2**63 - 1),
     "data_seed": (0, 2**63 - 1), "ensemble": (1, _INF), "jobs": (1, _INF), "threads": (0, _INF),
 }
 
@@ -408,9 +444,11 @@ def validate(args, parser):
     """Every numeric flag inside its RANGES entry (NaN/inf refused): one UserError naming flag, value, range."""
     for action in parser._actions:
         value = getattr(args, action.dest, None)
-        if action.type not in (int, float) or value is None:
+        if action.type not in (int, float, rate_or_auto) or value is None:
             continue
         for v in value if isinstance(value, list) else [value]:
+            if v == "auto":
+                continue
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"--{action.dest} {v}: must be a finite number")
             spec = RANGES.get(action.dest)

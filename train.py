@@ -17,7 +17,7 @@ import time
 import torch
 
 import config
-from config import options
+from config import infobatch_clash, options, resolve_infobatch
 from datasets import DataOptions, build_data, inverse_frequency_weights
 from datasets.transforms import build_batch_augment
 from datasets.transforms import describe as describe_aug
@@ -87,7 +87,7 @@ def schedule_options(args, world_size):
 
 def data_options(args):
     """build_data's options from the flags (InfoBatch needs the sample indices with each batch)."""
-    return options(DataOptions, args, with_index=args.infobatch > 0)
+    return options(DataOptions, args, with_index=args.infobatch not in ("auto", 0))  # auto: check_args decides
 
 
 def robust_attack(args):
@@ -123,8 +123,7 @@ def check_args(args, distill=False):
     if args.accum_steps > 1 and args.adv == "awp":
         raise UserError("--adv awp takes its own gradient inside each step; it does not combine with "
                         "--accum_steps (use a larger --batch_size)")
-    if distill and args.infobatch:
-        raise UserError("--infobatch is not supported by train_distill.py (its loss is not per sample); drop it")
+    resolve_infobatch(args, distill)  # --infobatch auto -> a rate
     if distill and args.ensemble > 1:
         raise UserError("--ensemble is a train.py flag; train_distill.py trains one student")
     # single values are range-checked with the flags (config.RANGES); here: what flags mean together
@@ -150,13 +149,11 @@ def check_args(args, distill=False):
                         "--prog_resize 16 --prog_resize_until 0.75")
     if args.infobatch:  # per-sample losses of plain (unmixed, clean) samples drawn without replacement
         check_infobatch(args.infobatch, args.infobatch_anneal)
-        clash = [flag for flag, on in (("--mixup_alpha/--cutmix_alpha/--mosaic (mixed samples have no own loss)",
-                                        args.mixup_alpha or args.cutmix_alpha or args.mosaic),
-                                       (f"--adv {args.adv}", args.adv != "none"),
-                                       ("--balanced_sampler", args.balanced_sampler)) if on]
+        clash = infobatch_clash(args, distill)
         if clash:
-            raise UserError(f"--infobatch does not combine with {clash[0]}; drop one of them")
-    if args.eval_interval > 1 and args.scheduler == "plateau":
+            raise UserError(f"--infobatch {args.infobatch:g} does not combine with {clash}; drop one of them "
+                            "(--infobatch 0 or auto turns pruning off)")
+    if args.eval_interval != 1 and args.scheduler == "plateau":
         raise UserError("--scheduler plateau steps on every epoch's validation accuracy; use --eval_interval 1")
 
 
@@ -226,7 +223,7 @@ def build_model_for(args, data, prec):
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
     dist_utils.broadcast_module(model)  # ranks seed differently: all start (and EMA/SWA copy) rank 0's init
-    prec, amp_line = choose_amp(prec, model, data.in_chans, data.img_size, min(args.batch_size, 32))
+    prec, amp_line = choose_amp(prec, model, data.in_chans, data.img_size, args.batch_size)
     if amp_line:
         log.info(amp_line)
     return model, mcfg, {"params": params, "flops": flops}, prec
@@ -376,7 +373,7 @@ def main(args, build_loss=None):
                     sched, optimizer, schedule_options(args, dist.world_size), steps_per_epoch, planned)
                 epochs = planned
         last = epoch + 1 == epochs
-        if last or (epoch + 1) % args.eval_interval == 0:
+        if last or (args.eval_interval and (epoch + 1) % args.eval_interval == 0):
             eval_start = time.perf_counter()
             report = last and not dist.enabled  # per-sample outputs for eval_report.md
             val = evaluate(model, data.val_loader, prec, collect=report, robust=robust, **tta_kwargs(args))

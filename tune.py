@@ -14,7 +14,8 @@ not on the test split that Fashion-MNIST and CIFAR-10 validate on by default.
 
 A trial is a subprocess `python train.py FIXED SAMPLED --seed S --output_dir DIR/trial_NNNN [--time_budget M]`:
 tune.py follows the metrics.csv that train.py rewrites atomically after every epoch, reports each evaluated epoch's
-accuracy (the better of val_acc and val_acc_ema; the objective is the final one) to the pruner, and stops a pruned
+accuracy (the better of val_acc and val_acc_ema; the objective is the final one; trials evaluate every epoch
+unless --eval_interval is fixed) to the pruner, and stops a pruned
 trial with SIGTERM (train.py exits 143 keeping last.pt). Not train.main in process: train.py needs no per-epoch
 hook, a crash, NaN or leaked memory stays in its trial, and no global state (seeds, threads, log handlers) carries
 over, for ~2 s of start-up per trial. A failed trial keeps train.py's `error: ...` line as its reason.
@@ -406,6 +407,8 @@ def main(argv=None):
         raise UserError(f"--trial_minutes must be minutes > 0, or 0 for off (got {args.trial_minutes:g})")
     fixed, given = fixed_flags(train_argv, args.trial_minutes)
     space = load_space(args.space, given)
+    if "eval_interval" not in given and "eval_interval" not in space:
+        train_argv = [*train_argv, "--eval_interval", "1"]  # the pruner is fed every epoch's validation accuracy
     name = args.study_name or os.path.splitext(os.path.basename(args.space))[0]
     out_dir = args.output_dir or os.path.join("runs", name)
     if args.storage is None:

@@ -136,7 +136,7 @@ def main(argv=None):
     model = build_model(b.model, data.num_classes, c, data.img_size, data.mean, data.std)
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
-    prec, amp_line = choose_amp(prec, model, c, data.img_size, min(b.batch_size, 32))  # if --amp auto
+    prec, amp_line = choose_amp(prec, model, c, data.img_size, b.batch_size)  # if --amp auto
     if amp_line:
         print(amp_line)
     opt = build_optimizer(model, args, args.lr)

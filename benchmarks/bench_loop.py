@@ -106,7 +106,7 @@ def main(argv=None):
         opt = build_optimizer(m, opt_args, opt_args.lr)
         return m, opt, build_scheduler(opt, opt_args, len(batches)), prec.scaler()
 
-    prec, amp_line = choose_amp(prec, fresh()[0], data.in_chans, data.img_size, min(b.batch_size, 32))  # --amp auto
+    prec, amp_line = choose_amp(prec, fresh()[0], data.in_chans, data.img_size, b.batch_size)  # --amp auto
     if amp_line:
         print(amp_line)
 

@@ -138,7 +138,7 @@ def main():
         m = build_model(model_name, data.num_classes, data.in_chans, data.img_size, data.mean, data.std)
         prec, line = choose_amp(make_precision(torch.device("cpu"), "auto", "auto", True),
                                 m.to(memory_format=torch.channels_last), data.in_chans, data.img_size,
-                                min(b.batch_size, 32))
+                                b.batch_size)
         print(f"{model_name}, threads={default_threads}: {line}")
         amp_auto[model_name] = {"amp": prec.mode, "threads": default_threads, **(prec.probe or {})}
     result = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch_size": b.batch_size,

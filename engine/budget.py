@@ -21,8 +21,8 @@ LENGTH_DEPENDENT = ("cosine", "onecycle", "poly")
 
 
 def evaluations_between(done, epochs, eval_interval):
-    """Epochs in [done, epochs] (1-based) that end with an evaluation: every eval_interval-th and the last."""
-    return sum(1 for k in range(max(done, 1), epochs + 1) if k % eval_interval == 0 or k == epochs)
+    """Epochs in [done, epochs] (1-based) that end with an evaluation: every eval_interval-th (0: none) and the last."""
+    return sum(1 for k in range(max(done, 1), epochs + 1) if k == epochs or (eval_interval and k % eval_interval == 0))
 
 
 def plan_epochs(budget_s, elapsed_s, done, max_epochs, epoch_s, eval_s, eval_interval, final_extra_s=0.0,

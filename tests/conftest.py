@@ -9,9 +9,12 @@ sys.path.insert(0, ROOT)
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
+# The default recipe's tricks switched off (as configs/reference_default.yaml has them): a test turns on only the
+# trick it tests; tests/test_default_recipe.py tests the defaults themselves.
+PLAIN = ["--label_smoothing", "0", "--hflip", "0", "--infobatch", "0", "--no_tta", "--no_amp", "--eval_interval", "1"]
 # A run small enough for a unit test: a few hundred real Fashion-MNIST images, ResNet-8, CPU.
 QUICK = ["--train_subset", "512", "--eval_subset", "256", "--model", "resnet8", "--epochs", "1",
-         "--batch_size", "64", "--no_progress", "--device", "cpu", "--warmup_epochs", "0"]
+         "--batch_size", "64", "--no_progress", "--device", "cpu", "--warmup_epochs", "0", *PLAIN]
 
 needs_fmnist = pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST not installed (bash setup.sh)")
 

@@ -2,6 +2,7 @@
 on fabricated summary.json files and on real runs; a rerun redoes only the run whose summary is missing; a bad
 spec is refused (exit 2) before any run starts; configs/ablation_fmnist.yaml names every trick and validates;
 ablation.json and ablation.csv carry the environment, and each CSV row the environment its run was launched in."""
+import csv
 import json
 import math
 import os
@@ -160,6 +161,14 @@ def test_report_trains_nothing_and_counts_finished_seeds(tmp_path, monkeypatch):
     assert rows["crop"]["delta"] == pytest.approx(0.02, abs=1e-12) and rows["crop"]["complete"]
     assert rows["ema"]["n"] == 1 and rows["ema"]["delta"] is None and _results(out)["failed"] == []
     assert _row((out / "ablation.md").read_text(), "ema")[3] == "— (seeds 1/2; baseline 2/2)"
+    # the docs table made from ablation.json: the same numbers in percent, no difference for the partial variant
+    from reporting import ablation_export
+    table = tmp_path / "docs.csv"
+    assert ablation_export.main([str(out / "ablation.json"), str(table), "--command", "python ablate.py S"]) == 0
+    docs = {r["variant"]: r for r in csv.DictReader(open(table))}
+    assert docs["crop"]["acc_mean"] == "92.50" and docs["crop"]["delta_pts"] == "+2.00"
+    assert docs["ema"]["seeds"] == "1/2" and docs["ema"]["delta_pts"] == "" and docs["ema"]["ci95_pts"] == ""
+    assert docs["baseline"]["command"] == "python ablate.py S" and docs["crop"]["anchor"] == "crop"
 
 
 # ---------------------------------------------------------------- spec handling
@@ -268,7 +277,8 @@ def test_fmnist_spec_covers_every_trick_and_validates(tmp_path):
 # ---------------------------------------------------------------- real runs
 
 TINY = {"train_subset": 128, "eval_subset": 64, "epochs": 1, "model": "mlp_student", "batch_size": 64,
-        "amp": False, "warmup_epochs": 0, "device": "cpu", "progress": False}
+        "amp": False, "warmup_epochs": 0, "device": "cpu", "progress": False,
+        "label_smoothing": 0.0, "hflip": 0.0, "infobatch": 0.0, "tta": False, "eval_interval": 1}
 
 
 @needs_fmnist

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import cli_error, needs_fmnist
+from conftest import PLAIN, cli_error, needs_fmnist
 from PIL import Image
 
 import ablate
@@ -27,7 +27,7 @@ from utils.errors import Interrupted, UserError
 
 QUICK = ["--model", "mlp_student", "--train_subset", "300", "--eval_subset", "100", "--batch_size", "64",
          "--epochs", "1", "--warmup_epochs", "0", "--device", "cpu", "--no_progress", "--deterministic",
-         "--threads", "1"]
+         "--threads", "1", *PLAIN]
 CV = [*QUICK, "--kfold", "3", "--fold", "all"]
 
 
@@ -234,7 +234,8 @@ def test_predict_with_the_fold_checkpoints_is_their_mean_softmax(cv, tmp_path):
 def test_ablate_scores_a_cross_validated_base_by_its_oof_accuracy(cv, tmp_path):
     out, summary = cv  # <ablation>/baseline/seed0, the run ablate.py would have made for this spec
     base = {"model": "mlp_student", "train_subset": 300, "eval_subset": 100, "batch_size": 64, "epochs": 1,
-            "warmup_epochs": 0, "device": "cpu", "deterministic": True, "kfold": 3, "fold": "all"}
+            "warmup_epochs": 0, "device": "cpu", "deterministic": True, "kfold": 3, "fold": "all",
+            "label_smoothing": 0.0, "hflip": 0.0, "infobatch": 0.0, "tta": False, "amp": False, "eval_interval": 1}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"base": base, "variants": [{"name": "baseline"}], "seeds": 1}))
     variants, runs = ablate.plan(ablate.load_spec(str(spec)), str(out.parent.parent), [0], 1)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, needs_fmnist
+from conftest import PLAIN, ROOT, needs_fmnist
 
 pytestmark = needs_fmnist
 
@@ -26,11 +26,11 @@ N_EVAL = 101  # not divisible by the world size
 COMMON = ["--model", "mlp_student", "--no_amp", "--deterministic", "--warmup_epochs", "0",
           "--train_subset", "256", "--eval_subset", str(N_EVAL), "--epochs", "1", "--opt", "sgd",
           "--weight_decay", "0", "--device", "cpu", "--no_progress", "--lr", "0.05", "--lr_base_batch", "32",
-          "--scheduler", "constant", "--ema", "--ema_decay", "0.5"]
+          "--scheduler", "constant", "--ema", "--ema_decay", "0.5", *PLAIN]
 # 3 epochs of InfoBatch: epochs 2-3 prune from the scores every rank recorded for its shard in the epoch before
 INFOBATCH = ["--infobatch", "0.5", "--infobatch_anneal", "1", "--epochs", "3"]
 EVAL = ["--eval_only", "--train_subset", "256", "--eval_subset", str(N_EVAL), "--batch_size", "64",
-        "--device", "cpu", "--no_progress"]
+        "--device", "cpu", "--no_progress", *PLAIN]
 RUN_FILES = {"best.pt", "config.yaml", "curves.png", "last.pt", "metrics.csv", "summary.json", "train.log"}
 
 

@@ -157,7 +157,7 @@ def test_explicit_amp_forces_and_no_amp_stays_off(monkeypatch, bf16_cpu):
 def test_flag_takes_on_off_and_auto(tmp_path, capsys):
     parse = config.parse_args
     assert (parse([]).amp, parse(["--amp"]).amp, parse(["--no_amp"]).amp, parse(["--amp", "auto"]).amp) == \
-        (False, True, False, "auto")
+        ("auto", True, False, "auto")  # auto is the default
     assert parse(["--amp=auto"]).amp == "auto" and parse(["--amp", "auto", "--no_amp"]).amp is False
     assert parse(["--amp", "--ema"]).amp is True  # a bare --amp before another flag takes no value
     for argv in (["--amp", "fast"], ["--no_amp", "auto"], ["--amp", "true"]):
@@ -211,9 +211,9 @@ def test_train_with_amp_auto_logs_the_decision_and_trains_in_it(tmp_path, monkey
     train.main(config.parse_args([*QUICK, "--amp", "auto", "--output_dir", str(out)]))
     log = (out / "train.log").read_text()
     assert "| amp auto |" in log  # undecided when the device line is written
-    assert "amp auto: bf16 64 img/s vs fp32 32 img/s -> bf16 on" in log
+    assert "amp auto: bf16 128 img/s vs fp32 64 img/s -> bf16 on" in log  # the probe batch is QUICK's 64
     assert [(p.enabled, p.dtype, p.auto) for p in seen] == [(True, torch.bfloat16, False)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["amp"] == "bf16"
-    assert summary["amp_probe"] == {"fp32_images_per_second": 32.0, "bf16_images_per_second": 64.0}
+    assert summary["amp_probe"] == {"fp32_images_per_second": 64.0, "bf16_images_per_second": 128.0}
     assert yaml.safe_load((out / "config.yaml").read_text())["amp"] == "auto"

@@ -17,7 +17,9 @@ from reporting.environment import read_csv
 from utils.errors import run_cli
 
 TINY = ["--model", "mlp_student", "--train_subset", "128", "--eval_subset", "64", "--batch_size", "64",
-        "--epochs", "2", "--warmup_epochs", "0", "--device", "cpu", "--no_progress", "--threads", "1"]
+        "--epochs", "2", "--warmup_epochs", "0", "--device", "cpu", "--no_progress", "--threads", "1",
+        "--hflip", "0", "--infobatch", "0", "--no_tta", "--no_amp",  # the default recipe's tricks off (LS is searched)
+        "--eval_interval", "1"]
 SPACE = {"lr": {"low": 0.01, "high": 0.5, "log": True}, "label_smoothing": {"low": 0.0, "high": 0.2},
          "ema": {"choices": [True, False]}, "crop_padding": {"low": 0, "high": 2, "step": 1},
          "scheduler": {"choices": ["cosine", "constant"]}, "random_erasing": {"choices": [0, 0.25]}}

@@ -108,11 +108,25 @@ def test_init_tta_awp_start_threads_amp_compile_reach_the_run(tmp_path, monkeypa
     assert rows[2].split(",")[header.index("val_acc")] != ""
 
 
+def test_eval_interval_0_evaluates_after_the_last_epoch_only(tmp_path, monkeypatch):
+    calls = []
+    orig_eval = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **kw: calls.append(1) or orig_eval(*a, **kw))
+    out = tmp_path / "run"
+    train.main(config.parse_args([*QUICK, "--epochs", "3", "--eval_subset", "64", "--eval_interval", "0",
+                                  "--output_dir", str(out)]))
+    rows = [r.split(",") for r in (out / "metrics.csv").read_text().splitlines()]
+    col = rows[0].index("val_acc")
+    assert len(calls) == 1 and [r[col] != "" for r in rows[1:]] == [False, False, True]
+
+
 def test_eval_interval_with_plateau_is_refused(tmp_path):
     with pytest.raises(UserError, match="eval_interval"):
         train.check_args(config.parse_args(["--scheduler", "plateau", "--eval_interval", "2"]))
     with pytest.raises(UserError, match="eval_interval"):
-        train.check_args(config.parse_args(["--eval_interval", "0"]))
+        train.check_args(config.parse_args(["--scheduler", "plateau", "--eval_interval", "0"]))
+    with pytest.raises(UserError, match="eval_interval"):
+        train.check_args(config.parse_args(["--eval_interval", "-1"]))
     with pytest.raises(UserError, match="tta_shift"):
         train.check_args(config.parse_args(["--tta_shift", "-1"]))
 
