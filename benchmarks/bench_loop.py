@@ -66,7 +66,7 @@ def bare_loop(model, batches, optimizer, sched, prec, scaler):
         loss.item()
 
 
-TRICKS = ("ema", "lookahead k5", "muon", "mixup", "cutmix", "drop_path 0.1", "se", "cbam", "eca", "ca", "fgsm",
+TRICKS = ("ema", "lookahead k5", "muon", "lion", "mixup", "cutmix", "drop_path 0.1", "se", "cbam", "eca", "ca", "fgsm",
           "pgd-3", "awp", "sam", "kd teacher resnet56", "prog_resize 16 px", "prog_resize 20 px", "prog_resize 24 px")
 
 
@@ -141,6 +141,7 @@ def main(argv=None):
         "ema": lambda: loop_variant(ema=lambda m: ModelEMA(m, 0.999)),
         "lookahead k5": lambda: loop_variant(lookahead=lambda m: Lookahead(m, 5, 0.5)),
         "muon": lambda: loop_variant(opt_name="muon"),
+        "lion": lambda: loop_variant(opt_name="lion"),
         "mixup": lambda: loop_variant(mix=mix_args(mixup_alpha=0.2)),
         "cutmix": lambda: loop_variant(mix=mix_args(cutmix_alpha=1.0)),
         "drop_path 0.1": lambda: loop_variant(model_kw={"drop_path_rate": 0.1}),

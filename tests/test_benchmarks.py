@@ -40,7 +40,7 @@ def test_bench_loop_every_trick(tmp_path):
     res, out = _run("bench_loop.py", tmp_path, "--model", "resnet8", "--batch_size", "8", "--steps", "2",
                     "--rounds", "1", "--no_amp")
     rows = {r["variant"]: r for r in res["rows"]}
-    assert {"bare loop", "train.py (no tricks)", "ema", "lookahead k5", "muon", "mixup", "cutmix", "awp", "sam",
+    assert {"bare loop", "train.py (no tricks)", "ema", "lookahead k5", "muon", "lion", "mixup", "cutmix", "awp", "sam",
             "pgd-3", "kd teacher resnet56", "se", "cbam", "eca", "ca", "fgsm", "drop_path 0.1", "prog_resize 16 px",
             "prog_resize 20 px", "prog_resize 24 px"} == set(rows)
     assert rows["train.py (no tricks)"]["ratio_to_train_py"] == 1.0
