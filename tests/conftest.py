@@ -16,6 +16,20 @@ PLAIN = ["--label_smoothing", "0", "--hflip", "0", "--infobatch", "0", "--no_tta
 QUICK = ["--train_subset", "512", "--eval_subset", "256", "--model", "resnet8", "--epochs", "1",
          "--batch_size", "64", "--no_progress", "--device", "cpu", "--warmup_epochs", "0", *PLAIN]
 
+
+
+def drop(flags, *names):
+    """`flags` without the flags `names` and the value after each (QUICK less --epochs, say)."""
+    out, i = [], 0
+    while i < len(flags):
+        if flags[i] in names:
+            i += 2
+            continue
+        out.append(flags[i])
+        i += 1
+    return out
+
+
 needs_fmnist = pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST not installed (bash setup.sh)")
 
 

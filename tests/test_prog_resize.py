@@ -5,7 +5,7 @@ import csv
 
 import torch
 import torch.nn.functional as F
-from conftest import QUICK, cli_error, needs_fmnist
+from conftest import QUICK, cli_error, drop, needs_fmnist
 from torchvision.transforms.v2 import functional as TF
 
 import config
@@ -89,7 +89,7 @@ def test_run_trains_at_the_planned_sides_and_evaluates_at_full_size(tmp_path, ca
         sides.append(a[8].side)
         return orig(*a, **kw)
     monkeypatch.setattr(train, "train_one_epoch", spy)
-    flags = [a for a in QUICK if a not in ("--epochs", "1", "--model", "resnet8")]
+    flags = drop(QUICK, "--epochs", "--model")
     summary = train.main(config.parse_args([*flags, "--model", "airnet_s", "--epochs", "4", "--prog_resize", "16",
                                             "--prog_resize_until", "0.5",
                                             "--output_dir", str(out)]))
