@@ -112,8 +112,8 @@ def test_resuming_a_copied_run_writes_into_the_copy(tmp_path):
     # --eval_only writes into a fresh eval*/ folder each time, never over the run's own files
     report = (copy / "eval_report.md").read_bytes()
     for want in ("eval", "eval2"):
-        train.main(config.parse_args(["--eval_only", "--ckpt", str(copy / "last.pt"), *QUICK[:4], "--no_progress",
-                                      "--device", "cpu"]))
+        train.main(config.parse_args(["--eval_only", "--ckpt", str(copy / "last.pt"), *QUICK[:4], "--no_tta",
+                                      "--no_amp", "--no_progress", "--device", "cpu"]))
         assert (copy / want / "eval_summary.json").exists()
     assert (copy / "eval_report.md").read_bytes() == report
     with pytest.raises(UserError, match="already holds summary.json .* --overwrite"):

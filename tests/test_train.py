@@ -33,7 +33,8 @@ def test_smoke_run_writes_every_output(tmp_path, capsys):
     assert ckpt["epoch"] == 1 and len(ckpt["class_names"]) == 10
 
     # --eval_only on the checkpoint reproduces the final validation accuracy
-    train.main(config.parse_args(["--eval_only", "--ckpt", str(out / "last.pt"), *QUICK[:4], "--no_progress",
+    train.main(config.parse_args(["--eval_only", "--ckpt", str(out / "last.pt"), *QUICK[:4], "--no_tta", "--no_amp",
+                                  "--no_progress",
                                   "--device", "cpu", "--output_dir", str(tmp_path / "ev")]))
     ev = json.loads((tmp_path / "ev" / "eval_summary.json").read_text())
     assert ev["val_acc"] == pytest.approx(s["final_val_acc"], abs=1e-9)
