@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-from conftest import QUICK, cli_error, needs_fmnist
+from conftest import PLAIN, QUICK, cli_error, needs_fmnist
 
 import config
 import train
@@ -195,7 +195,7 @@ def test_accumulation_equals_the_big_batch_also_across_a_resume(tmp_path, monkey
     """mlp_student has no BatchNorm: batch 32 x 4 accumulated steps ends where batch 128 ends, to 1e-5."""
     common = ["--model", "mlp_student", "--train_subset", "512", "--eval_subset", "64", "--warmup_epochs", "0",
               "--device", "cpu", "--no_progress", "--deterministic", "--lr", "0.05", "--weight_decay", "1e-4",
-              "--clip_grad", "1.0", "--ema", "--ema_decay", "0.9"]
+              "--clip_grad", "1.0", "--ema", "--ema_decay", "0.9", *PLAIN]
 
     def run(out, *flags):
         train.main(config.parse_args([*common, *flags, "--output_dir", str(tmp_path / out)]))
