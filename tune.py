@@ -15,10 +15,10 @@ not on the test split that Fashion-MNIST and CIFAR-10 validate on by default.
 A trial is a subprocess `python train.py FIXED SAMPLED --seed S --output_dir DIR/trial_NNNN [--time_budget M]`:
 tune.py follows the metrics.csv that train.py rewrites atomically after every epoch, reports each evaluated epoch's
 accuracy (the better of val_acc and val_acc_ema; the objective is the final one; trials evaluate every epoch
-unless --eval_interval is fixed) to the pruner, and stops a pruned
-trial with SIGTERM (train.py exits 143 keeping last.pt). Not train.main in process: train.py needs no per-epoch
-hook, a crash, NaN or leaked memory stays in its trial, and no global state (seeds, threads, log handlers) carries
-over, for ~2 s of start-up per trial. A failed trial keeps train.py's `error: ...` line as its reason.
+unless --eval_interval is fixed) to the pruner, and stops a pruned trial with SIGTERM (train.py exits 143
+keeping last.pt). Not train.main in process: train.py needs no per-epoch hook, a crash, NaN or leaked memory
+stays in its trial, and no global state (seeds, threads, log handlers) carries over, for ~2 s of start-up per
+trial. A failed trial keeps train.py's `error: ...` line as its reason.
 
 --storage takes any URL of Optuna's RDB storage (default sqlite:///DIR/study.db). The same command on several
 machines with one `--storage postgresql+psycopg2://...` fills one study; a rerun resumes it. Together they run
