@@ -36,7 +36,7 @@ from engine.checkpoint import (
 from engine.ensemble import load_ensemble, member_threads, train_members
 from engine.loop import NonFiniteLoss, StepTricks, evaluate, make_criterion, train_one_epoch, unwrap  # noqa: F401
 from engine.optim import OptimizerOptions, build_optimizer, scaled_lr
-from engine.precision import choose_amp, make_precision, set_fp32_precision
+from engine.precision import choose_amp, decision_record, make_precision, recorded_mode, set_fp32_precision
 from engine.scheduler import OWN_WARMUP, ScheduleOptions, build_scheduler, plot_lr
 from models import build_model, model_config, model_summary
 from models.pretrained import fetch_weights, load_pretrained, stats_for
@@ -223,7 +223,9 @@ def build_model_for(args, data, prec):
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
     dist_utils.broadcast_module(model)  # ranks seed differently: all start (and EMA/SWA copy) rank 0's init
-    prec, amp_line = choose_amp(prec, model, data.in_chans, data.img_size, args.batch_size)
+    recorded = recorded_mode(load_checkpoint(args.resume).get("amp"), prec.device) if args.resume and prec.auto \
+        else None
+    prec, amp_line = choose_amp(prec, model, data.in_chans, data.img_size, args.batch_size, recorded=recorded)
     if amp_line:
         log.info(amp_line)
     return model, mcfg, {"params": params, "flops": flops}, prec
@@ -454,6 +456,7 @@ def save_run(args, dist, prec, model, mcfg, class_names, stateful, run, budget):
     run.best_acc = max(run.best_acc, row.get("val_acc", 0.0))
     ckpt = {"model": model.state_dict(), "model_config": mcfg, "class_names": class_names, "args": vars(args),
             **save_states(stateful), "epoch": row["epoch"], "rng": rng[0], "rng_ranks": rng if dist.enabled else None,
+            "amp": decision_record(prec),
             "best_val_acc": run.best_acc,
             "metrics": {"history": run.history, "train_seconds": run.train_seconds,
                         "planned_epochs": run.planned_epochs,

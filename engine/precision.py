@@ -2,6 +2,7 @@
 (bf16 where this CPU or GPU trains faster in it: choose_amp), and the fp32 math mode of convolutions and matmuls
 (--fp32_precision)."""
 import copy
+import platform
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -68,11 +69,42 @@ def make_precision(device, amp, amp_dtype="auto", channels_last=False):
     return Precision(device, dtype, bool(amp), bool(channels_last))
 
 
+def hardware_name(device):
+    """The processor a precision decision was timed on: the GPU's name, or the CPU's model and ISA features."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from reporting.environment import parse_cpuinfo
+    try:
+        with open("/proc/cpuinfo") as f:
+            model, isa = parse_cpuinfo(f.read())
+    except OSError:
+        model, isa = None, ""
+    return f"{model or platform.processor() or 'unknown CPU'} ({isa or 'no AVX2'})"
+
+
+def decision_record(prec):
+    """What a checkpoint keeps of the precision: the mode autocast ran in and the processor that chose it."""
+    return {"mode": prec.mode, "hardware": hardware_name(prec.device)}
+
+
+def recorded_mode(record, device):
+    """A checkpoint's --amp auto decision ("bf16"/"off") when it was taken on this kind of processor, else None
+    (an older checkpoint, or a run moved to other hardware, where the probe decides afresh)."""
+    if not isinstance(record, dict) or record.get("mode") not in ("bf16", "off"):
+        return None
+    return record["mode"] if record.get("hardware") == hardware_name(device) else None
+
+
 PROBE_BATCH = 128  # at most; at 32 the probe's bf16 speed-up swung from 1.2x to 1.6x on a Zen 4, at 128 1.7-1.8x
 
 
-def choose_amp(prec, model, in_chans, side, batch_size=PROBE_BATCH, steps=3, min_speedup=1.1, min_seconds=0.3):
+def choose_amp(prec, model, in_chans, side, batch_size=PROBE_BATCH, steps=3, min_speedup=1.1, min_seconds=0.3,
+               recorded=None):
     """--amp auto: (`prec` with bf16 autocast on or off, the log line saying why); `prec` as it is when not auto.
+
+    `recorded` ("bf16" or "off", from recorded_mode): the decision of the run being resumed on the same kind of
+    processor, kept without probing, so that a run does not change precision half-way (a probe on a machine
+    busy with other work can decide otherwise).
 
     CUDA: bf16 from compute capability 8 (bf16 tensor cores), else off; a function of the device, so every
     torchrun rank agrees. CPU: bf16 autocast runs from 10x slower than fp32 (an AVX2 AMD EPYC) to 1.4x faster
@@ -82,6 +114,9 @@ def choose_amp(prec, model, in_chans, side, batch_size=PROBE_BATCH, steps=3, min
     """
     if not prec.auto:
         return prec, None
+    if recorded in ("bf16", "off"):
+        return (replace(prec, enabled=recorded == "bf16", auto=False),
+                f"amp auto: {recorded}, as decided when the run began (a resumed run keeps its precision)")
     if prec.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(prec.device)
         on = major >= 8

@@ -1,7 +1,8 @@
 """--amp auto: on CPU a short probe times the model in fp32 and bf16 autocast and keeps bf16 only when it is
 clearly faster (mocked timings both ways, and the early stop of a slow bf16); no probe where oneDNN has no bf16;
 on CUDA the GPU's compute capability decides; the probe leaves the run's weights, BatchNorm statistics and random
-state alone; `--amp` / `--no_amp` still force; the flag, config files, ablate/tune commands and a train.py run."""
+state alone; `--amp` / `--no_amp` still force; a resumed run keeps the decision it began with on the same
+kind of processor and probes afresh on another; the flag, config files, ablate/tune commands and a train.py run."""
 import json
 
 import pytest
@@ -217,3 +218,49 @@ def test_train_with_amp_auto_logs_the_decision_and_trains_in_it(tmp_path, monkey
     assert summary["amp"] == "bf16"
     assert summary["amp_probe"] == {"fp32_images_per_second": 64.0, "bf16_images_per_second": 128.0}
     assert yaml.safe_load((out / "config.yaml").read_text())["amp"] == "auto"
+
+
+def test_recorded_decision_is_kept_only_from_the_same_kind_of_processor():
+    here = precision.hardware_name(CPU)
+    assert precision.recorded_mode({"mode": "bf16", "hardware": here}, CPU) == "bf16"
+    assert precision.recorded_mode({"mode": "off", "hardware": here}, CPU) == "off"
+    for record in (None, "bf16", {"mode": "bf16"}, {"mode": "bf16", "hardware": here + " (another)"},
+                   {"mode": "fp16", "hardware": here}, {"mode": ["bf16"], "hardware": here}, 7):
+        assert precision.recorded_mode(record, CPU) is None, record
+    prec, line = choose_amp(make_precision(CPU, "auto"), tiny_model(), 3, 8, recorded="off")
+    assert (prec.enabled, prec.auto, prec.mode) == (False, False, "off") and "as decided when the run began" in line
+    forced = make_precision(CPU, True)  # an explicit --amp is not overridden by a record
+    assert choose_amp(forced, tiny_model(), 3, 8, recorded="off")[0] is forced
+
+
+@needs_fmnist
+def test_a_resumed_run_keeps_the_precision_it_began_in(tmp_path, monkeypatch, bf16_cpu):
+    import train
+    monkeypatch.setattr(precision, "_step_seconds", FakeSteps(1.0, 0.5))  # the first part: bf16 twice as fast
+    first = tmp_path / "first"
+    train.main(config.parse_args([*QUICK, "--amp", "auto", "--output_dir", str(first)]))
+    ckpt = torch.load(first / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["amp"] == {"mode": "bf16", "hardware": precision.hardware_name(CPU)}
+
+    # resumed on a machine that is now busy: a probe would say fp32, but the run goes on in bf16, unprobed
+    monkeypatch.setattr(precision, "_step_seconds", lambda *a: pytest.fail("probed a resumed run"))
+    seen = []
+    orig_epoch = train.train_one_epoch
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: seen.append(a[6]) or orig_epoch(*a, **k))
+    resumed = tmp_path / "resumed"
+    train.main(config.parse_args([*QUICK, "--amp", "auto", "--epochs", "2", "--resume", str(first / "last.pt"),
+                                  "--output_dir", str(resumed)]))
+    assert [(p.enabled, p.dtype) for p in seen] == [(True, torch.bfloat16)]
+    assert "amp auto: bf16, as decided when the run began" in (resumed / "train.log").read_text()
+    assert json.loads((resumed / "summary.json").read_text())["amp"] == "bf16"
+
+    # moved to another kind of processor: the probe decides afresh (here bf16 is slower -> off)
+    ckpt["amp"]["hardware"] = "another CPU (AVX2)"
+    torch.save(ckpt, tmp_path / "moved.pt")
+    monkeypatch.setattr(precision, "_step_seconds", FakeSteps(1.0, 10.0))
+    seen.clear()
+    moved = tmp_path / "moved"
+    train.main(config.parse_args([*QUICK, "--amp", "auto", "--epochs", "2", "--resume", str(tmp_path / "moved.pt"),
+                                  "--output_dir", str(moved)]))
+    assert [(p.enabled, p.auto) for p in seen] == [(False, False)]
+    assert "-> bf16 off" in (moved / "train.log").read_text()
