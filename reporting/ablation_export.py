@@ -1,8 +1,8 @@
 """An ablation's results as a docs table: ablate.py's ablation.json -> one CSV row per variant for docs/results/.
 
-Percent and points with two decimals, `seeds` as finished/planned; a variant whose seeds are not all finished
-keeps its mean but gets no difference (as in ablate.py's own table). Each row names the CPU, torch, date and the
-command that reproduces it.
+Percent and points with two decimals, `seeds` as finished/planned, `per_seed` each finished seed's value; a
+variant whose seeds are not all finished keeps its mean but gets no difference (as in ablate.py's own table).
+Each row names the CPU, torch, date and the command that reproduces it.
     python -m reporting.ablation_export runs/ablation_default/ablation.json docs/results/ablation_default.csv \\
         --command "python ablate.py configs/ablation_default.yaml --out runs/ablation_default"
 """
@@ -25,6 +25,11 @@ def anchor(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "variant"
 
 
+def per_seed(values):
+    """"s0 93.25 / s1 93.17": each finished seed's accuracy in percent, in seed order."""
+    return " / ".join(f"s{k} {100 * values[str(k)]:.2f}" for k in sorted(int(k) for k in values))
+
+
 def rows(doc, command, cpu=None):
     env = doc["environment"]
     out = []
@@ -32,7 +37,8 @@ def rows(doc, command, cpu=None):
         pct = lambda x: "" if x is None else f"{100 * x:.2f}"  # noqa: E731
         delta = v.get("delta")
         out.append({"variant": v["name"], "seeds": f"{v['n']}/{v['seeds']}", "acc_mean": pct(v["mean"]),
-                    "acc_std": pct(v["std"]), "delta_pts": "" if delta is None else f"{100 * delta:+.2f}",
+                    "acc_std": pct(v["std"]), "per_seed": per_seed(v.get("values") or {}),
+                    "delta_pts": "" if delta is None else f"{100 * delta:+.2f}",
                     "ci95_pts": pct(v.get("ci95")) if delta is not None else "",
                     "train_s": "" if v["train_seconds"] is None else f"{v['train_seconds']:.1f}",
                     "metric": v["metric"], "cpu": cpu or cpu_name(env), "torch": env["torch"].split("+")[0],

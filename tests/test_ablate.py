@@ -169,6 +169,7 @@ def test_report_trains_nothing_and_counts_finished_seeds(tmp_path, monkeypatch):
     assert docs["crop"]["acc_mean"] == "92.50" and docs["crop"]["delta_pts"] == "+2.00"
     assert docs["ema"]["seeds"] == "1/2" and docs["ema"]["delta_pts"] == "" and docs["ema"]["ci95_pts"] == ""
     assert docs["baseline"]["command"] == "python ablate.py S" and docs["crop"]["anchor"] == "crop"
+    assert docs["crop"]["per_seed"] == "s0 92.00 / s1 93.00" and docs["ema"]["per_seed"] == "s0 95.00"
 
 
 # ---------------------------------------------------------------- spec handling
