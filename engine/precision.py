@@ -2,7 +2,6 @@
 (bf16 where this CPU or GPU trains faster in it: choose_amp), and the fp32 math mode of convolutions and matmuls
 (--fp32_precision)."""
 import copy
-import platform
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from engine.distributed import all_gather_object
 from utils.errors import UserError
+from utils.machine import cpu_model_and_isa
 
 FP32_PRECISIONS = ("default", "ieee", "bf16", "tf32")
 
@@ -73,13 +73,8 @@ def hardware_name(device):
     """The processor a precision decision was timed on: the GPU's name, or the CPU's model and ISA features."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from reporting.environment import parse_cpuinfo
-    try:
-        with open("/proc/cpuinfo") as f:
-            model, isa = parse_cpuinfo(f.read())
-    except OSError:
-        model, isa = None, ""
-    return f"{model or platform.processor() or 'unknown CPU'} ({isa or 'no AVX2'})"
+    model, isa = cpu_model_and_isa()
+    return f"{model or 'unknown CPU'} ({isa or 'no AVX2'})"
 
 
 def decision_record(prec):

@@ -13,21 +13,9 @@ import subprocess
 
 import torch
 
+from utils.machine import ISA_FEATURES, cpu_model_and_isa, parse_cpuinfo  # noqa: F401 (re-exported)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (name, /proc/cpuinfo flags, any of which means it is there): the features that decide CPU training speed
-ISA_FEATURES = (("AVX2", {"avx2"}), ("AVX-512", {"avx512f"}), ("AVX512-BF16", {"avx512_bf16"}),
-                ("AMX", {"amx_bf16", "amx_tile"}))
-
-
-def parse_cpuinfo(text):
-    """(model name or None, ISA string such as "AVX2+AVX-512") from the text of /proc/cpuinfo."""
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())  # the first processor speaks for all
-    flags = set(fields.get("flags", "").split())
-    return fields.get("model name"), "+".join(name for name, names in ISA_FEATURES if flags & names)
 
 
 def git_commit(root=ROOT):
@@ -45,12 +33,8 @@ def git_commit(root=ROOT):
 
 def environment():
     """What a reader needs to compare a number with theirs; the same keys on every machine."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model, isa = parse_cpuinfo(f.read())
-    except OSError:
-        model, isa = None, ""
-    return {"cpu_model": model or platform.processor() or None, "isa": isa, "cpu_count": os.cpu_count(),
+    model, isa = cpu_model_and_isa()
+    return {"cpu_model": model, "isa": isa, "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "git_commit": git_commit(),
