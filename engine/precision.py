@@ -2,6 +2,7 @@
 (bf16 where this CPU or GPU trains faster in it: choose_amp), and the fp32 math mode of convolutions and matmuls
 (--fp32_precision)."""
 import copy
+import functools
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -69,8 +70,10 @@ def make_precision(device, amp, amp_dtype="auto", channels_last=False):
     return Precision(device, dtype, bool(amp), bool(channels_last))
 
 
+@functools.lru_cache(maxsize=None)
 def hardware_name(device):
-    """The processor a precision decision was timed on: the GPU's name, or the CPU's model and ISA features."""
+    """The processor a precision decision was timed on: the GPU's name, or the CPU's model and ISA features
+    (read once per process: every checkpoint records it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model, isa = cpu_model_and_isa()
