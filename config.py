@@ -133,7 +133,11 @@ def _add_data_args(p):
     g.add_argument("--eval_subset", type=int, default=0, help="stratified subset of N eval images")
     g.add_argument("--skip_bad_images", action=BoolFlag,
                    help="drop unreadable images (with a count) instead of stopping")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers for file datasets")
+    g.add_argument("--workers", type=int, default=0,
+                   help="file datasets: DataLoader workers, and threads that decode the images at load time")
+    g.add_argument("--cache_images", default="none", choices=("none", "ram"),
+                   help="file datasets: ram = decode every image once at load time and train from memory with "
+                        "batched augmentation (the in-memory datasets' path), instead of decoding every epoch")
     g.add_argument("--class_weights", default="none", choices=("none", "auto"),
                    help="auto: inverse class frequency weights in the loss")
     g.add_argument("--balanced_sampler", action=BoolFlag,

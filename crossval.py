@@ -157,10 +157,9 @@ def train_in_processes(commands, jobs, out_dir, poll=0.5):
 def sample_ids(data, data_dir):
     """Ids of the validation samples in the validation loader's order: the index into the training split for
     in-memory datasets, the image's file name relative to `data_dir` for file datasets."""
-    if data.train_images is not None:
+    if data.val_paths is None:
         return [int(i) for i in data.val_index]
-    loader = data.val_loader
-    return [os.path.relpath(loader.loader.dataset.paths[i], data_dir) for i in iter(loader.sampler)]
+    return [os.path.relpath(p, data_dir) for p in data.val_paths]
 
 
 def score_folds(model_paths, fold_data, data_dir, prec, tta, tta_shift):

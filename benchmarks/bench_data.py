@@ -3,7 +3,9 @@
 The folder rows read what `train.py --dataset imagefolder --data_dir DIR --in_chans 1 --img_size 28` reads,
 through build_data (decode, resize, the per-sample augmentation, DataLoader collate): a Fashion-MNIST subset
 written once as grey PNG and JPEG (quality 90) at 28 px, and as JPEG at 64 px that the loader resizes to 28
-(photos are rarely stored at training size), read with each --workers count. The step is config.py's default
+(photos are rarely stored at training size), read with each --workers count and once more with
+--cache_images ram (decoded at load time, then the in-memory path); `setup_s` is the load (scan, decode
+check, cache) that build_data takes before the first batch, timed once. The step is config.py's default
 model, batch size and precision on pre-gathered batches. Each path runs alone (img/s; share of the step =
 data / (data + step) per batch) and, for the folder and the default in-memory path, feeding the real step
 (end to end: on a 2-core CPU, workers compete with the step's threads). All alternate round by round; each
@@ -42,6 +44,7 @@ from utils.flags import BoolFlag
 FOLDERS = {"image folder, PNG 28 px": ("PNG", 28), "image folder, JPEG 28 px": ("JPEG", 28),
            "image folder, JPEG 64 px resized to 28": ("JPEG", 64)}  # name -> (format, stored side)
 FAST_PATH = "in-memory + batch aug (fast path)"
+CACHED = ", --cache_images ram"  # appended to a folder's name: its row read from the decoded cache
 FAST_TARGET, FOLDER_TARGET = 0.05, 0.10  # data share of the step each path should stay within
 
 
@@ -125,10 +128,15 @@ def main(argv=None):
     def in_memory(batch_aug):
         return InMemoryLoader(images, labels, b.batch_size, shuffle=True, seed=0, drop_last=True, batch_aug=batch_aug)
 
-    def folder(root, w):  # train.py's training loader for this folder and --workers w
+    setup_s = {}
+
+    def folder(key, root, w, cache="none"):  # train.py's training loader for this folder, --workers w, the cache
         a = config.parse_args([*common, "--dataset", "imagefolder", "--data_dir", root, "--in_chans", str(c),
-                               "--img_size", str(data.img_size), "--workers", str(w)])
-        return build_data(config.options(DataOptions, a, with_index=False)).train_loader
+                               "--img_size", str(data.img_size), "--workers", str(w), "--cache_images", cache])
+        t0 = time.perf_counter()
+        loader = build_data(config.options(DataOptions, a, with_index=False)).train_loader
+        setup_s[key] = time.perf_counter() - t0
+        return loader
 
     # The step as train.py runs it by default (fp32 channels_last today), on fixed pre-gathered batches.
     set_fp32_precision(torch.device("cpu"), d.fp32_precision)
@@ -152,13 +160,14 @@ def main(argv=None):
                  ("in-memory + imgaug seed preset", None): in_memory(build_batch_augment(imgaug_args, c))}
         for name, (fmt, side) in FOLDERS.items():
             root = write_folder(os.path.join(tmp, f"{fmt}{side}"), images, labels, fmt, side)
-            paths.update({(name, w): folder(root, w) for w in workers})
+            paths.update({(name, w): folder((name, w), root, w) for w in workers})
+            paths[(name + CACHED, None)] = folder((name + CACHED, None), root, max(workers), "ram")
         paths = {key: AfterFirstBatch(loader) for key, loader in paths.items()}
         fixed = AfterFirstBatch([(x.clone(), y.clone()) for x, y in in_memory(None)])
         runs = {"step": lambda: train_epoch(fixed)}
         for (name, w), loader in paths.items():
             runs[(name, w)] = lambda ld=loader: consume(ld, prec)
-            if w is not None or name == FAST_PATH:
+            if w is not None or name == FAST_PATH or name.endswith(CACHED):
                 runs[(name, w, "end to end")] = lambda ld=loader: train_epoch(ld)
         # seconds per batch of each round; persistent workers start once, in the warm-up epoch
         per_batch = {key: statistics.median(ts) for key, ts in time_alternately(runs, b.rounds).items()}
@@ -170,7 +179,8 @@ def main(argv=None):
         rows.append({"path": name, "workers": w, "images_per_second": b.batch_size / data_s,
                      "data_ms_per_batch": 1000 * data_s, "data_share": data_s / (data_s + step_s),
                      "end_to_end_images_per_second": None if e2e_s is None else b.batch_size / e2e_s,
-                     "end_to_end_vs_step": None if e2e_s is None else e2e_s / step_s})
+                     "end_to_end_vs_step": None if e2e_s is None else e2e_s / step_s,
+                     "setup_s": setup_s.get((name, w))})
     advice = {}
     for name in FOLDERS:
         own = [r for r in rows if r["path"] == name]
@@ -196,11 +206,12 @@ def print_report(res):
     def cell(v, fmt):
         return "—" if v is None else format(v, fmt)
     print("| data path | workers | img/s (data only) | ms/batch | data / (data + step) | end to end img/s | "
-          "end to end / step |\n|---|---|---|---|---|---|---|")
+          "end to end / step | setup s |\n|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         print(f"| {r['path']} | {cell(r['workers'], 'd')} | {r['images_per_second']:.0f} | "
               f"{r['data_ms_per_batch']:.2f} | {100 * r['data_share']:.1f}% | "
-              f"{cell(r['end_to_end_images_per_second'], '.0f')} | {cell(r['end_to_end_vs_step'], '.2f')} |")
+              f"{cell(r['end_to_end_images_per_second'], '.0f')} | {cell(r['end_to_end_vs_step'], '.2f')} | "
+              f"{cell(r['setup_s'], '.2f')} |")
     step = res["step"]
     print(f"\nstep ({res['model']}, batch {res['batch_size']}, {step['precision']}): {step['ms_per_batch']:.1f} "
           f"ms/batch, {step['images_per_second']:.0f} img/s")
@@ -218,7 +229,8 @@ def csv_rows(res, env):
     cpu = f"{env['cpu_model']} ({env['isa'] or 'no AVX2'})"
     return [{"data_path": r["path"], "workers": r["workers"], "img_s": r["images_per_second"],
              "share_of_step": r["data_share"], "end_to_end_img_s": r["end_to_end_images_per_second"],
-             "end_to_end_vs_step": r["end_to_end_vs_step"], "model": res["model"], "batch": res["batch_size"],
+             "end_to_end_vs_step": r["end_to_end_vs_step"], "setup_s": r["setup_s"], "model": res["model"],
+             "batch": res["batch_size"],
              "step_img_s": res["step"]["images_per_second"], "cpu": cpu, "torch": env["torch"],
              "date": env["date"][:10], "commit": env["git_commit"], "command": res["command"]} for r in res["rows"]]
 

@@ -1,7 +1,8 @@
 """Data for training: `build_data(cfg)` -> `Data` (loaders, class names, pixel mean/std).
 
 Fashion-MNIST and CIFAR-10 are held in memory as one uint8 tensor (`InMemoryLoader`); `imagefolder`
-and `csv` datasets decode image files per sample (`make_file_loader`). Every loader yields
+and `csv` datasets decode image files per sample (`make_file_loader`), or with `--cache_images ram` keep the
+images decoded once at load time in memory and take the in-memory path too. Every loader yields
 (x uint8 NCHW, y int64) and has `set_epoch(epoch)`; normalisation happens inside the model.
 """
 import logging
@@ -18,7 +19,7 @@ from .cifar import load_cifar10
 from .fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from .fashion_mnist import load_fashion_mnist
 from .files import ImageFileDataset, load_file_dataset
-from .loader import InMemoryLoader, make_file_loader
+from .loader import InMemoryLoader, epoch_indices, make_file_loader
 from .split import balanced_weights, carve_validation, class_counts, inverse_frequency_weights, stratified_subset  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class DataOptions:
     with_index: bool = False  # batches also carry sample indices (InfoBatch scores them)
     classes: list[str] | None = None  # only these classes (names or indices), relabelled 0..k-1
     crop_pct: float = 0.0  # file datasets: evaluate on centre crops, train on random-resized crops
+    cache_images: str = "none"  # file datasets: "ram" keeps the decoded images in memory (the in-memory path)
 
 FILE_DEFAULT_SIZE, FILE_DEFAULT_CHANS, DEFAULT_VAL_RATIO = 64, 3, 0.2
 
@@ -97,11 +99,13 @@ class Data:
     mean: tuple  # per channel, pixels as fractions in [0, 1], from the training split
     std: tuple
     train_labels: torch.Tensor  # int64, the training split (class weights, balanced sampler)
-    train_images: torch.Tensor  # uint8 NCHW for in-memory datasets, else None
+    train_images: torch.Tensor  # uint8 NCHW for in-memory datasets (and --cache_images ram), else None
     val_name: str  # "val" or "test": what the validation loader evaluates
     # validation carved from train (--val_ratio, --kfold): each validation sample's index into the dataset's
     # training split, in the validation loader's order (out-of-fold predictions name samples by it); else None
     val_index: np.ndarray | None = None
+    # file datasets: each validation image's path, in the validation loader's order; in-memory datasets: None
+    val_paths: list | None = None
 
 
 def _mean_std(s1, s2, count):
@@ -234,12 +238,36 @@ def _check_flags(cfg):
         raise UserError(f"--workers {cfg.workers} must be 0 (load in the main process) or more")
     if cfg.img_size is not None and cfg.img_size < 1:
         raise UserError(f"--img_size {cfg.img_size} must be a positive number of pixels")
-    if cfg.hflip_mode == "alternate" and cfg.dataset not in IN_MEMORY:
-        raise UserError(f"--hflip_mode alternate needs an in-memory dataset ({', '.join(IN_MEMORY)}); "
-                        f"use --hflip_mode random with --dataset {cfg.dataset}")
+    cache = getattr(cfg, "cache_images", "none")
+    if cache not in ("none", "ram"):
+        raise UserError(f"--cache_images {cache!r}: choose none (decode from disk every epoch) or ram")
+    if cache == "ram" and cfg.dataset in IN_MEMORY:
+        raise UserError(f"--cache_images ram is for file datasets (imagefolder, csv); --dataset {cfg.dataset} "
+                        f"is always held in memory, so drop the flag")
+    if cfg.hflip_mode == "alternate" and cfg.dataset not in IN_MEMORY and cache != "ram":
+        raise UserError(f"--hflip_mode alternate needs the images in memory: add --cache_images ram, or use "
+                        f"--hflip_mode random with --dataset {cfg.dataset}")
     if getattr(cfg, "crop_pct", 0.0) and (cfg.dataset in IN_MEMORY or (cfg.img_size or FILE_DEFAULT_SIZE) < 64):
         raise UserError("--crop_pct is the evaluation preset for file datasets (imagefolder, csv) at --img_size "
                         ">= 64; drop it here")
+    if getattr(cfg, "crop_pct", 0.0) and cache == "ram":
+        raise UserError("--cache_images ram holds every image squashed to --img_size, but --crop_pct trains on "
+                        "random-resized crops of larger images; drop one of the two")
+
+
+def cache_device(nbytes, device, free_bytes=None, share=0.5):
+    """Where an image cache of `nbytes` lives: on a CUDA `device` when it takes at most `share` of the GPU's free
+    memory (`free_bytes`, else asked of torch), otherwise on the CPU, where the loop copies each batch over."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if nbytes <= share * free_bytes:
+        return device
+    log.info("--cache_images ram: %.1f GiB of images stay in host memory (more than half of the GPU's free "
+             "%.1f GiB); batches are copied over", nbytes / 2**30, free_bytes / 2**30)
+    return torch.device("cpu")
 
 
 def build_data(cfg, rank=0, world_size=1, device="cpu"):
@@ -253,9 +281,10 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
         train_x, train_y, test_x, test_y = load(cfg.data_dir, cfg.download)
         splits = {"train": (convert_uint8(train_x, in_chans, img_size), train_y.numpy()),
                   "val": None, "test": (convert_uint8(test_x, in_chans, img_size), test_y.numpy())}
+        decoded = None
     else:
         in_chans, img_size = cfg.in_chans or FILE_DEFAULT_CHANS, cfg.img_size or FILE_DEFAULT_SIZE
-        splits, class_names, pixel_sums = load_file_dataset(cfg, in_chans, img_size)
+        splits, class_names, pixel_sums, decoded = load_file_dataset(cfg, in_chans, img_size)
     if getattr(cfg, "classes", None):
         splits, class_names = select_classes(splits, class_names, cfg.classes)
     splits, val_name, val_index = resolve_splits(splits, class_names, cfg)
@@ -264,8 +293,22 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
     train_labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
     weights = balanced_weights(train_labels, num_classes) if cfg.balanced_sampler else None
 
-    if cfg.dataset in IN_MEMORY:
+    val_paths = None
+    if cfg.dataset not in IN_MEMORY:
+        sums = np.stack([pixel_sums[p] for p in train_items]).sum(0)
+        mean, std = _mean_std(sums[0], sums[1], len(train_items) * img_size * img_size)
+        val_order = epoch_indices(len(splits["val"][0]), False, cfg.seed, 0, rank, world_size).tolist()
+        val_paths = [splits["val"][0][i] for i in val_order]
+    else:
         mean, std = uint8_mean_std(train_items)
+    if decoded is not None:  # --cache_images ram: stack the decoded images
+        splits = {name: None if s is None else (torch.stack([decoded[p] for p in s[0]]), s[1])
+                  for name, s in splits.items()}
+        del decoded
+        train_items = splits["train"][0]
+        device = cache_device(sum(s[0].numel() for s in splits.values() if s is not None), device)
+
+    if isinstance(train_items, torch.Tensor):
         train_images = train_items
         train_loader = InMemoryLoader(train_items, train_labels, cfg.batch_size, shuffle=True,
                                       seed=cfg.seed, drop_last=True,
@@ -278,8 +321,6 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
             return InMemoryLoader(split[0], split[1], cfg.batch_size, shuffle=False, seed=cfg.seed,
                                   rank=rank, world_size=world_size, device=device)
     else:
-        sums = np.stack([pixel_sums[p] for p in train_items]).sum(0)
-        mean, std = _mean_std(sums[0], sums[1], len(train_items) * img_size * img_size)
         train_images = None
         crop_pct = getattr(cfg, "crop_pct", 0.0)
         train_set = ImageFileDataset(train_items, train_labels.tolist(), in_chans, img_size,
@@ -304,4 +345,4 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
                 test_loader=eval_loader(test) if test is not None else None,
                 num_classes=num_classes, class_names=list(class_names), in_chans=in_chans,
                 img_size=img_size, mean=mean, std=std, train_labels=train_labels,
-                train_images=train_images, val_name=val_name, val_index=val_index)
+                train_images=train_images, val_name=val_name, val_index=val_index, val_paths=val_paths)

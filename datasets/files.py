@@ -67,20 +67,24 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
-def _probe(path, in_chans, img_size):
-    """Per-channel (sum, sum of squares) of the decoded image as int64 (2, C), or the error text."""
+def _probe(path, in_chans, img_size, keep=False):
+    """Per-channel (sum, sum of squares) of the decoded image as int64 (2, C), or the error text; with `keep`,
+    (those sums, the decoded uint8 CHW image)."""
     try:
-        x = load_image(path, in_chans, img_size).long()
+        img = load_image(path, in_chans, img_size)
     except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
         return f"{type(e).__name__}: {e}"
-    return torch.stack([x.sum((1, 2)), (x * x).sum((1, 2))]).numpy()
+    x = img.long()
+    sums = torch.stack([x.sum((1, 2)), (x * x).sum((1, 2))]).numpy()
+    return (sums, img) if keep else sums
 
 
-def check_images(paths, in_chans, img_size, skip_bad, threads=1):
-    """Decode every image once; returns ({path: int64 (2, C) pixel sums}, paths that failed).
+def check_images(paths, in_chans, img_size, skip_bad, threads=1, keep=False):
+    """Decode every image once; returns ({path: int64 (2, C) pixel sums}, paths that failed), and with `keep`
+    also {path: decoded uint8 CHW image} (--cache_images ram).
 
     Missing or undecodable files raise a UserError naming them, or with `skip_bad` are only
-    logged and left out of the returned dict.
+    logged and left out of the returned dicts.
     """
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing and not skip_bad:
@@ -89,8 +93,9 @@ def check_images(paths, in_chans, img_size, skip_bad, threads=1):
                         f"check --data_dir and the image names, or pass --skip_bad_images to drop them")
     present = [p for p in paths if os.path.isfile(p)]
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(lambda p: _probe(p, in_chans, img_size), present))
-    sums = {p: r for p, r in zip(present, results) if not isinstance(r, str)}
+        results = list(pool.map(lambda p: _probe(p, in_chans, img_size, keep), present))
+    good = {p: r for p, r in zip(present, results) if not isinstance(r, str)}
+    sums = {p: r[0] for p, r in good.items()} if keep else good
     bad = [(p, r) for p, r in zip(present, results) if isinstance(r, str)]
     if bad and not skip_bad:
         total = f" ({len(bad)} unreadable images in total)" if len(bad) > 1 else ""
@@ -100,7 +105,30 @@ def check_images(paths, in_chans, img_size, skip_bad, threads=1):
         example = (missing or [bad[0][0]])[0]
         log.warning("--skip_bad_images: dropped %d missing and %d unreadable image(s), e.g. %s",
                     len(missing), len(bad), example)
-    return sums, missing + [p for p, _ in bad]
+    failed = missing + [p for p, _ in bad]
+    return (sums, failed, {p: r[1] for p, r in good.items()}) if keep else (sums, failed)
+
+
+def available_memory():
+    """Bytes of memory the kernel reports available (MemAvailable), or None where /proc/meminfo is unreadable."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_cache_fits(count, in_chans, img_size, available, share=0.5):
+    """UserError unless `count` decoded uint8 images fit in `share` of `available` bytes (None: not known)."""
+    need = count * in_chans * img_size * img_size
+    if available is not None and need > share * available:
+        raise UserError(f"--cache_images ram needs {need / 2**30:.1f} GiB for {count} images at {in_chans}x"
+                        f"{img_size}x{img_size}, more than half of the {available / 2**30:.1f} GiB available; "
+                        f"lower --img_size, or drop --cache_images ram to decode from disk every epoch")
+    return need
 
 
 def _scan_classes(root):
@@ -236,19 +264,24 @@ def load_file_dataset(cfg, in_chans, img_size):
     """Read, check and index a file dataset.
 
     Returns ({"train"|"val"|"test": (paths, int labels) or None}, class names (sorted labels as
-    str), {path: int64 (2, C) pixel sums of the decoded image}).
+    str), {path: int64 (2, C) pixel sums of the decoded image}, {path: decoded uint8 CHW image} with
+    --cache_images ram, else None).
     """
     if not os.path.isdir(cfg.data_dir):
         raise UserError(f"--data_dir {cfg.data_dir} does not exist; point it at the image folder")
     splits = read_imagefolder(cfg.data_dir) if cfg.dataset == "imagefolder" else read_csv_dataset(cfg)
     classes = sorted({y for s in splits.values() if s is not None for y in s[1]})
     index = {c: i for i, c in enumerate(classes)}
-    paths = [p for s in splits.values() if s is not None for p in s[0]]
-    sums, dropped = check_images(list(dict.fromkeys(paths)), in_chans, img_size, cfg.skip_bad_images,
-                                 threads=cfg.workers)
+    paths = list(dict.fromkeys(p for s in splits.values() if s is not None for p in s[0]))
+    cache = getattr(cfg, "cache_images", "none") == "ram"
+    if cache:
+        need = check_cache_fits(len(paths), in_chans, img_size, available_memory())
+        log.info("--cache_images ram: holding %d decoded images in memory (%.2f GiB)", len(paths), need / 2**30)
+    sums, dropped, *decoded = check_images(paths, in_chans, img_size, cfg.skip_bad_images, threads=cfg.workers,
+                                           keep=cache)
     dropped = set(dropped)
     out = {}
     for name, s in splits.items():
         keep = [(p, index[y]) for p, y in zip(*s) if p not in dropped] if s is not None else None
         out[name] = (None if keep is None else ([p for p, _ in keep], [y for _, y in keep]))
-    return out, [str(c) for c in classes], sums
+    return out, [str(c) for c in classes], sums, (decoded[0] if cache else None)

@@ -78,7 +78,8 @@ def test_bench_loop_skips_tricks_the_model_lacks_and_refuses_unknown_ones(tmp_pa
 @needs_fmnist
 def test_bench_data_quick(tmp_path):
     """In-memory rows, and the image folder (PNG, JPEG, JPEG stored at 64 px) read by train.py's file loader
-    with each --workers, alone and feeding the step; the CSV beside the JSON holds the same rows."""
+    with each --workers and from --cache_images ram, alone and feeding the step; the CSV beside the JSON holds
+    the same rows."""
     import config
     from reporting.environment import read_csv
     res, out = _run("bench_data.py", tmp_path, "--quick", "--model", "resnet8", "--batch_size", "16",
@@ -87,7 +88,7 @@ def test_bench_data_quick(tmp_path):
     fast_path = "in-memory + batch aug (fast path)"
     assert [(r["path"], r["workers"]) for r in res["rows"]] == [
         ("in-memory, no aug (floor)", None), (fast_path, None), ("in-memory + imgaug seed preset", None),
-        *((f, w) for f in folders for w in (0, 1))]
+        *((f + s, w) for f in folders for s, w in (("", 0), ("", 1), (", --cache_images ram", None)))]
     d = config.training_defaults()
     amp = {False: ["fp32"], True: ["bf16 autocast"], "auto": ["fp32", "bf16 autocast"]}[d.amp]  # train.py's default
     assert res["step"]["precision"] in [a + " channels_last" * d.channels_last for a in amp]
@@ -98,7 +99,9 @@ def test_bench_data_quick(tmp_path):
         assert math.isclose(r["data_share"], r["data_ms_per_batch"] / (r["data_ms_per_batch"] + step_ms),
                             rel_tol=1e-9)
         assert math.isclose(r["images_per_second"] * r["data_ms_per_batch"] / 1000, 16, rel_tol=1e-9)
-        if r["workers"] is None and r["path"] != fast_path:
+        folder = r["path"].startswith("image folder")
+        assert (r["setup_s"] > 0) if folder else r["setup_s"] is None  # the load before the first batch
+        if r["workers"] is None and r["path"] != fast_path and not folder:
             assert r["end_to_end_images_per_second"] is None
         else:  # end to end: the loader feeding the real step
             assert r["end_to_end_images_per_second"] > 0

@@ -1,6 +1,6 @@
 """Decisions that only matter on CUDA, checked on the CPU (no GPU here): which AMP dtype a GPU gets, the CUDA
 random state a checkpoint keeps and restores, `--device cuda:N` under torchrun, resuming into fp16's GradScaler,
-and test-time augmentation averaged in fp32 under autocast."""
+test-time augmentation averaged in fp32 under autocast, and where a --cache_images ram cache lives."""
 import pytest
 import torch
 from conftest import QUICK, needs_fmnist
@@ -18,6 +18,17 @@ def test_auto_amp_dtype_is_bf16_only_with_bf16_tensor_cores(monkeypatch, capabil
     prec = make_precision(torch.device("cuda", 1), amp=True)
     assert prec.dtype == dtype
     assert asked == [torch.device("cuda", 1)]  # the run's GPU, not the current one
+
+
+def test_image_cache_goes_to_the_gpu_only_when_it_takes_at_most_half_its_free_memory(monkeypatch):
+    from datasets import cache_device
+    gpu = torch.device("cuda", 1)
+    assert cache_device(5 * 2**30, gpu, free_bytes=10 * 2**30) == gpu
+    assert cache_device(5 * 2**30 + 1, gpu, free_bytes=10 * 2**30) == torch.device("cpu")
+    assert cache_device(10**12, "cpu") == torch.device("cpu")  # the CPU never asks CUDA
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: asked.append(d) or (8 * 2**30, 80 * 2**30))
+    assert cache_device(4 * 2**30, gpu) == gpu and asked == [gpu]  # the run's GPU's free memory
 
 
 def test_explicit_gpu_under_torchrun_is_refused(monkeypatch):

@@ -470,7 +470,7 @@ def test_alternating_flip_flags():
     assert any("alternating" in line for line in describe(args))
     with pytest.raises(UserError, match="--hflip 0.5"):
         build_batch_augment(config.parse_args(["--hflip", "0.3", "--hflip_mode", "alternate"]), 1)
-    with pytest.raises(UserError, match="in-memory"):
+    with pytest.raises(UserError, match="--cache_images ram"):
         datasets.build_data(config.parse_args(["--dataset", "imagefolder", "--data_dir", "/nonexistent",
                                                  "--hflip", "0.5",
                                       "--hflip_mode", "alternate"]))

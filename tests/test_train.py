@@ -175,7 +175,9 @@ def test_seed_csv_layout_trains_and_bad_csv_inputs_exit_2(tmp_path, capsys):
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     csv.write_text(csv.read_text() + "broken.png,shoe\n")
     _expect_error([*base, "--output_dir", str(tmp_path / "r2")], "broken.png", capsys)
-    train.main(config.parse_args([*base, "--skip_bad_images", "--output_dir", str(tmp_path / "r3")]))
+    # the decoded-in-memory path (tests/test_image_cache.py checks its images) trains end to end
+    train.main(config.parse_args([*base, "--skip_bad_images", "--cache_images", "ram", "--crop_padding", "2",
+                                  "--output_dir", str(tmp_path / "r3")]))
     assert (tmp_path / "r3" / "summary.json").is_file()
     csv.write_text(csv.read_text() + "missing.png,shirt\n")
     _expect_error([*base, "--skip_bad_images", "--output_dir", str(tmp_path / "r4"), "--val_ratio", "1.5"],
