@@ -193,9 +193,10 @@ def setup_run(args):
     return dist, prec
 
 
-def build_model_for(args, data, prec):
+def build_model_for(args, data, prec, resumed=None):
     """The model the flags describe, initialised (--init, --zero_init_residual, --whiten_stem) and on the device,
-    with its config (saved in every checkpoint), its size and the precision (--amp auto decided on it)."""
+    with its config (saved in every checkpoint), its size and the precision (--amp auto decided on it, or kept from
+    `resumed`, the --resume checkpoint)."""
     weights = fetch_weights(args.model, args.pretrained, args.pretrained_use_ema) if args.pretrained else None
     # normalisation follows the weights' statistics when pretrained, the data's otherwise
     mean, std = stats_for(weights.stats, data.in_chans) if weights and weights.stats else (data.mean, data.std)
@@ -223,8 +224,7 @@ def build_model_for(args, data, prec):
     if prec.channels_last:
         model.to(memory_format=torch.channels_last)
     dist_utils.broadcast_module(model)  # ranks seed differently: all start (and EMA/SWA copy) rank 0's init
-    recorded = recorded_mode(load_checkpoint(args.resume).get("amp"), prec.device) if args.resume and prec.auto \
-        else None
+    recorded = recorded_mode(resumed.get("amp"), prec.device) if resumed is not None and prec.auto else None
     prec, amp_line = choose_amp(prec, model, data.in_chans, data.img_size, args.batch_size, recorded=recorded)
     if amp_line:
         log.info(amp_line)
@@ -282,7 +282,8 @@ def main(args, build_loss=None):
         return summary
 
     # ---- model, optimiser and schedule --------------------------------------------------------
-    model, mcfg, size, prec = build_model_for(args, data, prec)  # prec: --amp auto is decided on the model
+    resumed = load_checkpoint(args.resume) if args.resume else None  # read once, fails before any training
+    model, mcfg, size, prec = build_model_for(args, data, prec, resumed)  # prec: --amp auto decided on the model
     lr = scaled_lr(options(OptimizerOptions, args), dist.world_size)
     if lr != args.lr:
         log.info(f"linear scaling rule: lr {args.lr} x {args.batch_size * dist.world_size}/{args.lr_base_batch}"
@@ -318,7 +319,7 @@ def main(args, build_loss=None):
         infobatch=tricks.prune).items() if part is not None}
 
     # ---- resume, budget, wrappers -------------------------------------------------------------
-    run = restore_run(args.resume, mcfg, model, stateful, dist) if args.resume else RunState()
+    run = restore_run(args.resume, mcfg, model, stateful, dist, resumed) if args.resume else RunState()
     epochs = (args.time_budget and run.planned_epochs) or args.epochs  # a budget may plan fewer
     budget = make_budget(args, data, started, run, ema is not None)
     train_model = wrap_for_training(model, args, dist, prec)
@@ -468,9 +469,10 @@ def save_run(args, dist, prec, model, mcfg, class_names, stateful, run, budget):
     plot_curves(os.path.join(args.output_dir, "curves.png"), run.history)
 
 
-def restore_run(path, mcfg, model, stateful, dist):
-    """--resume: load the weights and every stateful part back; returns the RunState to continue from."""
-    ckpt = load_checkpoint(path)
+def restore_run(path, mcfg, model, stateful, dist, ckpt=None):
+    """--resume: load the weights and every stateful part back (from `ckpt`, the file at `path` already loaded, or
+    from `path`); returns the RunState to continue from."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     m = ckpt.get("metrics")
     if not isinstance(ckpt.get("model_config"), dict) or not isinstance(m, dict) or "epoch" not in ckpt:
         raise UserError(f"{path} is not a train.py last.pt (it lacks model_config, epoch or metrics); evaluate a "
