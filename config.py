@@ -133,11 +133,9 @@ def _add_data_args(p):
     g.add_argument("--eval_subset", type=int, default=0, help="stratified subset of N eval images")
     g.add_argument("--skip_bad_images", action=BoolFlag,
                    help="drop unreadable images (with a count) instead of stopping")
-    g.add_argument("--workers", type=int, default=0,
-                   help="file datasets: DataLoader workers, and threads that decode the images at load time")
+    g.add_argument("--workers", type=int, default=0, help="file datasets: loader workers, decoding threads")
     g.add_argument("--cache_images", default="none", choices=("none", "ram"),
-                   help="file datasets: ram = decode every image once at load time and train from memory with "
-                        "batched augmentation (the in-memory datasets' path), instead of decoding every epoch")
+                   help="file datasets: ram = decode once, train from memory")
     g.add_argument("--class_weights", default="none", choices=("none", "auto"),
                    help="auto: inverse class frequency weights in the loss")
     g.add_argument("--balanced_sampler", action=BoolFlag,
@@ -276,7 +274,8 @@ def _add_aug_args(p):
     g = p.add_argument_group("augmentation (per sample)")
     g.add_argument("--hflip", type=float, default=0.5, metavar="P")
     g.add_argument("--hflip_mode", default="random", choices=("random", "alternate"),
-                   help="alternate (in-memory data, --hflip 0.5): each image is flipped in every other epoch, "
+                   help="alternate (in-memory data or --cache_images ram, --hflip 0.5): each image is flipped in "
+                        "every other epoch, "
                         "starting from a seeded random half (airbench)")
     g.add_argument("--vflip", type=float, default=0.0, metavar="P")
     g.add_argument("--rotate", type=float, default=0.0, metavar="DEG")

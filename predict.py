@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import config
+from datasets import ONE_PASS
 from datasets.files import IMG_EXTENSIONS, load_image
 from engine.checkpoint import load_checkpoint, load_model
 from engine.ensemble import load_ensemble
@@ -187,7 +188,6 @@ def file_batches(names, paths, in_chans, img_size, batch_size, skip_bad, workers
 def dataset_batches(args, ckpt, split, ckpt_path):
     """(batch iterator, number of images) over `split` of the dataset that `args` (train.py's flags) describe."""
     import datasets
-    from datasets.loader import FileLoader
     cfg = ckpt["model_config"]
     args.in_chans, args.img_size = cfg["in_chans"], cfg["img_size"]  # the model's input, whatever the flags say
     data = datasets.build_data(args)
@@ -200,9 +200,8 @@ def dataset_batches(args, ckpt, split, ckpt_path):
     if loader is None:
         raise UserError(f"--split test: this dataset has no separate test split (the validation split is "
                         f"{data.val_name}); use --split val")
-    if isinstance(loader, FileLoader):
-        names = [loader.loader.dataset.paths[i] for i in iter(loader.sampler)]
-    else:
+    names = data.test_paths if split == "test" else data.val_paths  # file datasets, in the loader's order
+    if names is None:  # in-memory datasets: the image's index in the split
         names = [str(i) for i in range(len(loader.labels))]
 
     def batches():
@@ -254,9 +253,10 @@ def main(argv=None):
     class_names = list(ckpt.get("class_names") or [str(c) for c in range(cfg["num_classes"])])
     labelled = not (args.images or args.list)
     # train.py's defaults < (for a dataset split) the run's own flags, so that `--ckpt run/best.pt` predicts its
-    # validation split < the data flags given here
+    # validation split < one pass's (no image cache) < the data flags given here
     saved = (ckpt.get("args") or {}) if labelled else {}
-    data_args = config.training_defaults(saved, config.given_data_flags(args), {"batch_size": args.batch_size})
+    data_args = config.training_defaults(saved, ONE_PASS, config.given_data_flags(args),
+                                         {"batch_size": args.batch_size})
     if labelled and data_args.fold == "all":
         raise UserError("--fold all names no one split; predict one fold's validation split (--fold I) or, with "
                         "the fold models, the test split (--split test)")

@@ -61,7 +61,7 @@ def real_batch(ckpt_args, shape, n):
     if not ckpt_args:
         print("the checkpoint stores no training args, so its data is unknown; checking a random batch only")
         return None
-    args = config.training_defaults(ckpt_args, {"download": False})
+    args = config.training_defaults(ckpt_args, datasets.ONE_PASS, {"download": False})
     try:
         x, _ = next(iter(datasets.build_data(args).val_loader))
     except (UserError, OSError, StopIteration) as e:

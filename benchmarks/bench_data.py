@@ -4,8 +4,9 @@ The folder rows read what `train.py --dataset imagefolder --data_dir DIR --in_ch
 through build_data (decode, resize, the per-sample augmentation, DataLoader collate): a Fashion-MNIST subset
 written once as grey PNG and JPEG (quality 90) at 28 px, and as JPEG at 64 px that the loader resizes to 28
 (photos are rarely stored at training size), read with each --workers count and once more with
---cache_images ram (decoded at load time, then the in-memory path); `setup_s` is the load (scan, decode
-check, cache) that build_data takes before the first batch, timed once. The step is config.py's default
+--cache_images ram (decoded at load time in as many threads as the largest --workers, then the in-memory
+path); `setup_s` is the load (scan, decode check, cache) that build_data takes before the first batch,
+timed once. The step is config.py's default
 model, batch size and precision on pre-gathered batches. Each path runs alone (img/s; share of the step =
 data / (data + step) per batch) and, for the folder and the default in-memory path, feeding the real step
 (end to end: on a 2-core CPU, workers compete with the step's threads). All alternate round by round; each
@@ -161,7 +162,7 @@ def main(argv=None):
         for name, (fmt, side) in FOLDERS.items():
             root = write_folder(os.path.join(tmp, f"{fmt}{side}"), images, labels, fmt, side)
             paths.update({(name, w): folder((name, w), root, w) for w in workers})
-            paths[(name + CACHED, None)] = folder((name + CACHED, None), root, max(workers), "ram")
+            paths[(name + CACHED, max(workers))] = folder((name + CACHED, max(workers)), root, max(workers), "ram")
         paths = {key: AfterFirstBatch(loader) for key, loader in paths.items()}
         fixed = AfterFirstBatch([(x.clone(), y.clone()) for x, y in in_memory(None)])
         runs = {"step": lambda: train_epoch(fixed)}

@@ -5,6 +5,7 @@ and `csv` datasets decode image files per sample (`make_file_loader`), or with `
 images decoded once at load time in memory and take the in-memory path too. Every loader yields
 (x uint8 NCHW, y int64) and has `set_epoch(epoch)`; normalisation happens inside the model.
 """
+import collections
 import logging
 from dataclasses import dataclass
 
@@ -82,6 +83,9 @@ class DataOptions:
     cache_images: str = "none"  # file datasets: "ram" keeps the decoded images in memory (the in-memory path)
 
 FILE_DEFAULT_SIZE, FILE_DEFAULT_CHANS, DEFAULT_VAL_RATIO = 64, 3, 0.2
+# Data flags over a run's own for one pass over its data (predict.py, BatchNorm re-estimation, export checks):
+# nothing to cache for a single pass, and the loader-side flips of --hflip_mode alternate need the cache.
+ONE_PASS = {"cache_images": "none", "hflip_mode": "random"}
 
 __all__ = ["Data", "build_data", "class_counts", "balanced_weights", "DATASETS", "InMemoryLoader",
            "make_file_loader"]
@@ -104,8 +108,9 @@ class Data:
     # validation carved from train (--val_ratio, --kfold): each validation sample's index into the dataset's
     # training split, in the validation loader's order (out-of-fold predictions name samples by it); else None
     val_index: np.ndarray | None = None
-    # file datasets: each validation image's path, in the validation loader's order; in-memory datasets: None
+    # file datasets: each validation (test) image's path, in its loader's order; in-memory datasets: None
     val_paths: list | None = None
+    test_paths: list | None = None
 
 
 def _mean_std(s1, s2, count):
@@ -257,7 +262,8 @@ def _check_flags(cfg):
 
 def cache_device(nbytes, device, free_bytes=None, share=0.5):
     """Where an image cache of `nbytes` lives: on a CUDA `device` when it takes at most `share` of the GPU's free
-    memory (`free_bytes`, else asked of torch), otherwise on the CPU, where the loop copies each batch over."""
+    memory (`free_bytes`, else asked of torch), otherwise on the CPU, whence each batch is copied to the GPU and
+    augmented there (InMemoryLoader's `storage`)."""
     device = torch.device(device)
     if device.type != "cuda":
         return device
@@ -265,9 +271,30 @@ def cache_device(nbytes, device, free_bytes=None, share=0.5):
         free_bytes = torch.cuda.mem_get_info(device)[0]
     if nbytes <= share * free_bytes:
         return device
-    log.info("--cache_images ram: %.1f GiB of images stay in host memory (more than half of the GPU's free "
-             "%.1f GiB); batches are copied over", nbytes / 2**30, free_bytes / 2**30)
+    log.warning("--cache_images ram: %.1f GiB of images stay in host memory (more than half of the GPU's free "
+                "%.1f GiB); each batch is copied over before it is augmented", nbytes / 2**30, free_bytes / 2**30)
     return torch.device("cpu")
+
+
+def stack_decoded(decoded, splits):
+    """Each split's paths as one uint8 NCHW tensor of the `decoded` images, filled in place; every image leaves
+    `decoded` as soon as no split needs it any more, so memory peaks near one copy of the images kept."""
+    uses = collections.Counter(p for s in splits.values() if s is not None for p in s[0])
+    for p in [p for p in decoded if p not in uses]:  # left out by --classes or the subsets
+        del decoded[p]
+    out = {}
+    for name, s in splits.items():
+        if s is None:
+            out[name] = None
+            continue
+        images = torch.empty((len(s[0]), *decoded[s[0][0]].shape), dtype=torch.uint8)
+        for i, p in enumerate(s[0]):
+            images[i] = decoded[p]
+            uses[p] -= 1
+            if not uses[p]:
+                del decoded[p]
+        out[name] = (images, s[1])
+    return out
 
 
 def build_data(cfg, rank=0, world_size=1, device="cpu"):
@@ -293,20 +320,23 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
     train_labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
     weights = balanced_weights(train_labels, num_classes) if cfg.balanced_sampler else None
 
-    val_paths = None
+    val_paths = test_paths = None
     if cfg.dataset not in IN_MEMORY:
         sums = np.stack([pixel_sums[p] for p in train_items]).sum(0)
         mean, std = _mean_std(sums[0], sums[1], len(train_items) * img_size * img_size)
-        val_order = epoch_indices(len(splits["val"][0]), False, cfg.seed, 0, rank, world_size).tolist()
-        val_paths = [splits["val"][0][i] for i in val_order]
+
+        def in_loader_order(split):  # evaluation order: the loaders' epoch_indices without shuffling
+            return None if split is None else [split[0][i] for i in epoch_indices(
+                len(split[0]), False, cfg.seed, 0, rank, world_size).tolist()]
+        val_paths, test_paths = in_loader_order(splits["val"]), in_loader_order(splits["test"])
     else:
         mean, std = uint8_mean_std(train_items)
     if decoded is not None:  # --cache_images ram: stack the decoded images
-        splits = {name: None if s is None else (torch.stack([decoded[p] for p in s[0]]), s[1])
-                  for name, s in splits.items()}
-        del decoded
+        splits = stack_decoded(decoded, splits)
         train_items = splits["train"][0]
-        device = cache_device(sum(s[0].numel() for s in splits.values() if s is not None), device)
+        storage = cache_device(sum(s[0].numel() for s in splits.values() if s is not None), device)
+    else:
+        storage = device
 
     if isinstance(train_items, torch.Tensor):
         train_images = train_items
@@ -315,11 +345,11 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
                                       batch_aug=build_batch_augment(cfg, in_chans), rank=rank,
                                       world_size=world_size, device=device, sampler_weights=weights,
                                       alternate_flip=cfg.hflip_mode == "alternate",
-                                      with_index=getattr(cfg, "with_index", False))
+                                      with_index=getattr(cfg, "with_index", False), storage=storage)
 
         def eval_loader(split):
             return InMemoryLoader(split[0], split[1], cfg.batch_size, shuffle=False, seed=cfg.seed,
-                                  rank=rank, world_size=world_size, device=device)
+                                  rank=rank, world_size=world_size, device=device, storage=storage)
     else:
         train_images = None
         crop_pct = getattr(cfg, "crop_pct", 0.0)
@@ -345,4 +375,5 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
                 test_loader=eval_loader(test) if test is not None else None,
                 num_classes=num_classes, class_names=list(class_names), in_chans=in_chans,
                 img_size=img_size, mean=mean, std=std, train_labels=train_labels,
-                train_images=train_images, val_name=val_name, val_index=val_index, val_paths=val_paths)
+                train_images=train_images, val_name=val_name, val_index=val_index, val_paths=val_paths,
+                test_paths=test_paths)

@@ -109,25 +109,44 @@ def check_images(paths, in_chans, img_size, skip_bad, threads=1, keep=False):
     return (sums, failed, {p: r[1] for p, r in good.items()}) if keep else (sums, failed)
 
 
-def available_memory():
-    """Bytes of memory the kernel reports available (MemAvailable), or None where /proc/meminfo is unreadable."""
+def _read_number(path):
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def available_memory(root="/"):
+    """Bytes this process may still allocate: the kernel's MemAvailable, capped by the container's memory limit
+    less its usage (cgroup v2, else v1); None where neither can be read."""
+    found = []
+    try:
+        with open(os.path.join(root, "proc/meminfo")) as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except OSError:
         pass
-    return None
+    cgroup = os.path.join(root, "sys/fs/cgroup")
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        cap, used = _read_number(os.path.join(cgroup, limit)), _read_number(os.path.join(cgroup, usage))
+        if cap is not None and used is not None and cap < 2**60:  # v1 writes a huge number for no limit
+            found.append(max(cap - used, 0))
+            break
+    return min(found) if found else None
 
 
-def check_cache_fits(count, in_chans, img_size, available, share=0.5):
-    """UserError unless `count` decoded uint8 images fit in `share` of `available` bytes (None: not known)."""
+def check_cache_fits(count, in_chans, img_size, available, share=0.5, copies=1):
+    """UserError unless `copies` caches of `count` decoded uint8 images (one per process on this machine, as
+    torchrun's ranks each hold their own) fit in `share` of `available` bytes (None: not known)."""
     need = count * in_chans * img_size * img_size
-    if available is not None and need > share * available:
-        raise UserError(f"--cache_images ram needs {need / 2**30:.1f} GiB for {count} images at {in_chans}x"
-                        f"{img_size}x{img_size}, more than half of the {available / 2**30:.1f} GiB available; "
-                        f"lower --img_size, or drop --cache_images ram to decode from disk every epoch")
+    if available is not None and copies * need > share * available:
+        each = f", {copies} processes each holding a copy" if copies > 1 else ""
+        raise UserError(f"--cache_images ram needs {copies * need / 2**30:.1f} GiB for {count} images at {in_chans}"
+                        f"x{img_size}x{img_size}{each} (every listed image, before --classes and the subsets), "
+                        f"more than half of the {available / 2**30:.1f} GiB available; lower --img_size, or drop "
+                        f"--cache_images ram to decode from disk every epoch")
     return need
 
 
@@ -275,7 +294,8 @@ def load_file_dataset(cfg, in_chans, img_size):
     paths = list(dict.fromkeys(p for s in splits.values() if s is not None for p in s[0]))
     cache = getattr(cfg, "cache_images", "none") == "ram"
     if cache:
-        need = check_cache_fits(len(paths), in_chans, img_size, available_memory())
+        need = check_cache_fits(len(paths), in_chans, img_size, available_memory(),
+                                copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         log.info("--cache_images ram: holding %d decoded images in memory (%.2f GiB)", len(paths), need / 2**30)
     sums, dropped, *decoded = check_images(paths, in_chans, img_size, cfg.skip_bad_images, threads=cfg.workers,
                                            keep=cache)

@@ -56,15 +56,21 @@ def _num_batches(count, batch_size, drop_last):
 
 
 class InMemoryLoader:
-    """Yields (x uint8 NCHW, y int64) batches from tensors held in memory (on `device` if not CPU)."""
+    """Yields (x uint8 NCHW, y int64) batches from tensors held in memory, on `device`.
+
+    The images live on `storage` (default: `device`): on the device, each batch is a gather there with no host
+    copy; on the CPU while `device` is a GPU (a set too large for it), each batch is gathered on the CPU, copied
+    over from pinned memory, then flipped and augmented on the GPU.
+    """
 
     def __init__(self, images_uint8, labels, batch_size, shuffle, seed, drop_last=False,
                  batch_aug=None, rank=0, world_size=1, device="cpu", sampler_weights=None,
-                 alternate_flip=False, with_index=False):
+                 alternate_flip=False, with_index=False, storage=None):
         if images_uint8.dtype != torch.uint8:
             raise TypeError(f"images must be uint8, got {images_uint8.dtype}")
-        device = torch.device(device)
-        # Move the whole set once; each batch is then a gather on the device, with no host copy.
+        self.device = torch.device(device)
+        device = self.device if storage is None else torch.device(storage)
+        # Move the whole set once to where it is stored.
         self.images = images_uint8.to(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -79,7 +85,7 @@ class InMemoryLoader:
         self.flip_bits = None
         if alternate_flip:
             g = torch.Generator().manual_seed(seed + 0x5EED)
-            self.flip_bits = torch.randint(0, 2, (len(self.labels),), generator=g, dtype=torch.bool).to(device)
+            self.flip_bits = torch.randint(0, 2, (len(self.labels),), generator=g, dtype=torch.bool).to(self.device)
         self.num_batches = self._count_batches(len(self.labels))
 
     def _count_batches(self, n):
@@ -108,13 +114,16 @@ class InMemoryLoader:
             idx = self.subset[idx]
         for b in range(self.num_batches):
             j = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[j]
+            x, y = self.images[j], self.labels[j]
+            if x.device != self.device:  # stored on the CPU for a GPU run: copy the gathered batch over
+                x = x.pin_memory().to(self.device, non_blocking=True)
+                y, j = y.to(self.device, non_blocking=True), j.to(self.device, non_blocking=True)
             if self.flip_bits is not None:
                 flip = self.flip_bits[j] ^ bool(self.epoch % 2)
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             if self.batch_aug is not None:
                 x = self.batch_aug(x)
-            yield (x, self.labels[j], j) if self.with_index else (x, self.labels[j])
+            yield (x, y, j) if self.with_index else (x, y)
 
 
 class EpochSampler(Sampler):

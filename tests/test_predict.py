@@ -160,10 +160,28 @@ def test_data_flags_given_override_the_checkpoints(run, tmp_path):
     assert s["images"] == 6 and len(read_rows(tmp_path / "d.csv")) == 6
 
 
+def test_a_cached_runs_predictions_are_named_by_file(run, tmp_path):
+    """A run trained with --cache_images ram and --hflip_mode alternate: predict reads its split once from disk
+    (no cache, no loader flips), and names rows by file even when given --cache_images ram itself."""
+    ckpt = torch.load(run / "run" / "last.pt", map_location="cpu", weights_only=True)
+    ckpt["args"] = {**ckpt["args"], "cache_images": "ram", "hflip_mode": "alternate"}
+    torch.save(ckpt, tmp_path / "cached.pt")
+    outs = []
+    for i, extra in enumerate(([], ["--cache_images", "ram"])):
+        s = predict.main(["--ckpt", str(tmp_path / "cached.pt"), "--out", str(tmp_path / f"{i}.csv"), "--device",
+                          "cpu", "--no_progress", *extra])
+        outs.append((s["accuracy"], read_rows(tmp_path / f"{i}.csv")))
+    plain = predict.main(["--ckpt", str(run / "run" / "last.pt"), "--out", str(tmp_path / "plain.csv"), "--device",
+                          "cpu", "--no_progress"])
+    for acc, rows in outs:
+        assert acc == plain["accuracy"] and rows == read_rows(tmp_path / "plain.csv")
+        assert all(r["image"].endswith(".png") for r in rows)
+
+
 def test_help_lists_only_predicts_flags_and_a_bad_flag_is_one_error_line():
     res = run_script(["predict.py", "--help"])
     lines = res.stdout.splitlines()
-    assert res.returncode == 0 and len(lines) <= 80, len(lines)
+    assert res.returncode == 0 and len(lines) <= 84, len(lines)
     assert "--topk" in res.stdout and "--data_dir" in res.stdout and "--no_progress" in res.stdout
     assert "--mixup_alpha" not in res.stdout and "--epochs" not in res.stdout
     for argv, message in ((["--topk", "five"], "error: argument --topk: invalid int value: 'five'"),

@@ -167,7 +167,9 @@ def test_seed_csv_layout_trains_and_bad_csv_inputs_exit_2(tmp_path, capsys):
     d, csv = _seed_csv_layout(tmp_path)
     base = ["--dataset", "csv", "--data_dir", str(d), "--info_csv", str(csv), "--img_size", "32", "--model", "resnet8",
             "--epochs", "1", "--batch_size", "8", "--no_progress", "--device", "cpu", "--warmup_epochs", "0"]
-    train.main(config.parse_args([*base, "--output_dir", str(tmp_path / "ok")]))
+    # the decoded-in-memory path (tests/test_image_cache.py checks its images) trains end to end
+    train.main(config.parse_args([*base, "--cache_images", "ram", "--crop_padding", "2",
+                                  "--output_dir", str(tmp_path / "ok")]))
     s = json.loads((tmp_path / "ok" / "summary.json").read_text())
     assert s["val_split"] == "val" and 0.0 <= s["final_val_acc"] <= 1.0
 
@@ -175,9 +177,7 @@ def test_seed_csv_layout_trains_and_bad_csv_inputs_exit_2(tmp_path, capsys):
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     csv.write_text(csv.read_text() + "broken.png,shoe\n")
     _expect_error([*base, "--output_dir", str(tmp_path / "r2")], "broken.png", capsys)
-    # the decoded-in-memory path (tests/test_image_cache.py checks its images) trains end to end
-    train.main(config.parse_args([*base, "--skip_bad_images", "--cache_images", "ram", "--crop_padding", "2",
-                                  "--output_dir", str(tmp_path / "r3")]))
+    train.main(config.parse_args([*base, "--skip_bad_images", "--output_dir", str(tmp_path / "r3")]))
     assert (tmp_path / "r3" / "summary.json").is_file()
     csv.write_text(csv.read_text() + "missing.png,shirt\n")
     _expect_error([*base, "--skip_bad_images", "--output_dir", str(tmp_path / "r4"), "--val_ratio", "1.5"],

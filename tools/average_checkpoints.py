@@ -95,7 +95,7 @@ def recompute_bn(state_dict, ckpt, device, data_flags=None):
     (tricks.swa.update_bn_uint8)."""
     import datasets  # only --update_bn needs the data and model code
     import models
-    data = datasets.build_data(config.training_defaults(ckpt.get("args") or {}, data_flags or {}))
+    data = datasets.build_data(config.training_defaults(ckpt.get("args") or {}, datasets.ONE_PASS, data_flags or {}))
     model = models.model_from_config(ckpt["model_config"])
     load_state(model, state_dict, "the averaged weights")
     model.to(device)
