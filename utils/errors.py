@@ -13,8 +13,10 @@ class UserError(Exception):
     """A one-line message that names the problem and the fix."""
 
 
-class Interrupted(Exception):
-    """The process got SIGINT or SIGTERM; `hint` says what was kept and how to continue."""
+class Interrupted(BaseException):
+    """The process got SIGINT or SIGTERM; `hint` says what was kept and how to continue. A BaseException, as
+    KeyboardInterrupt is: the signal lands anywhere, and no `except Exception` on the way (a logging handler's
+    emit, a file reader's fallback) may swallow it."""
 
     def __init__(self, signum, hint=""):
         super().__init__(signum, hint)
