@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import yaml
 
 import config
 from reporting.environment import env_key, environment, read_csv, write_csv, write_json
-from utils.errors import UserError, run_cli
+from utils.errors import Interrupted, UserError, run_cli
 from utils.flags import BoolFlag
 
 log = logging.getLogger("ablate")
@@ -260,7 +261,7 @@ def execute(runs, jobs, threads, machine):
                     del running[key]
                     log.info(f"{'finished' if p.returncode == 0 else f'FAILED (exit {p.returncode})'}: "
                              f"{key[0]} seed {key[1]} in {results[key][1]:.0f} s")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C or SIGTERM
         for p, f, _ in running.values():  # checkpoints stay; the next call resumes these runs
             p.terminate()
             p.wait()
@@ -473,9 +474,9 @@ def main(argv=None):
     t0 = time.time()
     try:
         execute([] if args.report else runs, args.jobs, threads, machine)
-    except KeyboardInterrupt:
-        log.warning("interrupted; finished runs are kept and the others resume: rerun the same command")
-        return 130
+    except (KeyboardInterrupt, Interrupted) as e:
+        raise Interrupted(getattr(e, "signum", signal.SIGINT), "finished runs are kept and the others resume "
+                          "from their last complete epoch: rerun the same command") from None
 
     values = {v["name"]: {} for v in variants}
     seconds = {v["name"]: {} for v in variants}

@@ -363,6 +363,33 @@ def test_real_runs_table_rerun_and_failure(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in others} == others
 
 
+@needs_fmnist
+def test_sigterm_stops_the_runs_with_it_and_says_how_to_resume(tmp_path):
+    """SIGTERM to ablate.py (a scheduler's stop) ends its training runs too, keeping their last complete epoch:
+    one line, exit 143, and no run left training on its own."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "abl"
+    spec = _write_spec(tmp_path / "s.yaml", [{"name": "baseline"}], base={**TINY, "epochs": 2000})
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ablate.py"), spec, "--seeds", "1", "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    last = out / "baseline" / "seed0" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["stopped by SIGTERM: finished runs are kept and the others resume from "
+                                        "their last complete epoch: rerun the same command"]
+    time.sleep(1.0)
+    kept = last.stat().st_mtime_ns
+    time.sleep(2.0)  # a run still training would have written several epochs by now
+    assert last.stat().st_mtime_ns == kept and torch.load(last, weights_only=True)["epoch"] >= 1
+
+
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml")))
 def test_every_shipped_config_validates(name, tmp_path):
     """Ablation specs resolve every run; train configs parse and pass train.py's flag checks."""
