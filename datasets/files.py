@@ -118,9 +118,19 @@ def _read_number(path):
     return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
 
 
+def _reclaimable(stat_path, key):
+    """The `key` line of a cgroup memory.stat (page cache the kernel can drop), 0 where it is not there."""
+    try:
+        with open(stat_path) as f:
+            return next((int(line.split()[1]) for line in f if line.split()[:1] == [key]), 0)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def available_memory(root="/"):
     """Bytes this process may still allocate: the kernel's MemAvailable, capped by the container's memory limit
-    less its usage (cgroup v2, else v1); None where neither can be read."""
+    less its working set (usage less inactive page cache, as docker and the kubelet count it; cgroup v2, else
+    v1); None where neither can be read."""
     found = []
     try:
         with open(os.path.join(root, "proc/meminfo")) as f:
@@ -128,10 +138,12 @@ def available_memory(root="/"):
     except OSError:
         pass
     cgroup = os.path.join(root, "sys/fs/cgroup")
-    for limit, usage in (("memory.max", "memory.current"),
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit, usage, stat, cache in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                                      ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                       "memory/memory.stat", "total_inactive_file")):
         cap, used = _read_number(os.path.join(cgroup, limit)), _read_number(os.path.join(cgroup, usage))
         if cap is not None and used is not None and cap < 2**60:  # v1 writes a huge number for no limit
+            used -= min(_reclaimable(os.path.join(cgroup, stat), cache), used)
             found.append(max(cap - used, 0))
             break
     return min(found) if found else None

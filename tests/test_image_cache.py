@@ -156,6 +156,11 @@ def fake_root(tmp_path, meminfo_kib, cgroup=None):
     ({"memory.max": "9000000000", "memory.current": "1"}, 4096 * 1024),     # a limit above what is free
     ({"memory/memory.limit_in_bytes": "2500000", "memory/memory.usage_in_bytes": "500000"}, 2000000),  # v1
     ({"memory/memory.limit_in_bytes": str(2**63 - 4096), "memory/memory.usage_in_bytes": "5"}, 4096 * 1024),
+    # page cache the kernel can drop is not in use: usage less inactive_file (v2) / total_inactive_file (v1)
+    ({"memory.max": "3000000", "memory.current": "2500000", "memory.stat": "anon 1\ninactive_file 1500000"},
+     2000000),
+    ({"memory/memory.limit_in_bytes": "3000000", "memory/memory.usage_in_bytes": "2500000",
+      "memory/memory.stat": "cache 9\ninactive_file 7\ntotal_inactive_file 1500000"}, 2000000),
 ])
 def test_available_memory_is_capped_by_the_container(tmp_path, cgroup, expected):
     assert files.available_memory(fake_root(tmp_path, 4096, cgroup)) == expected
