@@ -21,7 +21,15 @@ from .fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from .fashion_mnist import load_fashion_mnist
 from .files import ImageFileDataset, load_file_dataset
 from .loader import InMemoryLoader, epoch_indices, make_file_loader
-from .split import balanced_weights, carve_validation, class_counts, inverse_frequency_weights, stratified_subset  # noqa: F401 (re-exported)
+from .split import (  # noqa: F401
+    balanced_weights,
+    carve_validation,
+    class_counts,
+    inverse_frequency_weights,
+    select_classes,
+    stratified_subset,
+    take,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,42 +157,6 @@ def convert_uint8(images, in_chans, img_size, chunk=4096):
     return torch.cat(out)
 
 
-def select_classes(splits, class_names, wanted):
-    """Only the classes `wanted` (names, or indices into class_names), relabelled 0..k-1 in class_names order."""
-    index = {str(c): i for i, c in enumerate(class_names)}
-    keep = set()
-    for w in wanted:
-        if str(w) in index:
-            keep.add(index[str(w)])
-        elif str(w).isdigit() and int(w) < len(class_names):
-            keep.add(int(w))
-        else:
-            raise UserError(f"--classes {w}: no such class; the classes are {', '.join(map(str, class_names))} "
-                            f"(or their indices 0-{len(class_names) - 1})")
-    keep = sorted(keep)
-    if len(keep) < 2:
-        raise UserError("--classes needs at least two classes")
-    remap = np.full(len(class_names), -1, dtype=np.int64)
-    remap[keep] = np.arange(len(keep))
-    out = {}
-    for name, split in splits.items():
-        if split is None:
-            out[name] = None
-            continue
-        labels = np.asarray(split[1])
-        idx = np.flatnonzero(remap[labels] >= 0)
-        items, _ = _take(split, idx)
-        out[name] = (items, remap[labels[idx]])
-    return out, [class_names[i] for i in keep]
-
-
-def _take(split, idx):
-    items, labels = split
-    if isinstance(items, torch.Tensor):
-        return items[torch.as_tensor(idx, dtype=torch.int64)], labels[idx]
-    return [items[i] for i in idx], labels[idx]
-
-
 def resolve_splits(splits, class_names, cfg):
     """Final {"train", "val", "test"} splits, the validation split's name and, when validation is carved from
     train, each validation sample's index into the training split (else None).
@@ -208,18 +180,18 @@ def resolve_splits(splits, class_names, cfg):
         if val is not None and test is not None:
             log.warning("validation is carved from train: the dataset's val split is not used")
         held_out = test if test is not None else val
-        train, val, test = _take(train, carve[0]), _take(train, carve[1]), held_out
+        train, val, test = take(train, carve[0]), take(train, carve[1]), held_out
         val_name, val_index = "val", carve[1]
     elif val is not None:
         val_name, val_index = "val", None
     else:
         val, test, val_name, val_index = test, None, "test", None
-    train = _take(train, stratified_subset(train[1], cfg.train_subset, seed))
+    train = take(train, stratified_subset(train[1], cfg.train_subset, seed))
     val_keep = stratified_subset(val[1], cfg.eval_subset, seed)
-    val = _take(val, val_keep)
+    val = take(val, val_keep)
     val_index = None if val_index is None else val_index[val_keep]
     if test is not None:
-        test = _take(test, stratified_subset(test[1], cfg.eval_subset, seed))
+        test = take(test, stratified_subset(test[1], cfg.eval_subset, seed))
     seen = set(np.unique(train[1]).tolist())
     for name, s in (("training", train), ("validation", val), ("test", test)):
         if s is not None and len(s[1]) == 0:
@@ -312,7 +284,7 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
     else:
         in_chans, img_size = cfg.in_chans or FILE_DEFAULT_CHANS, cfg.img_size or FILE_DEFAULT_SIZE
         splits, class_names, pixel_sums, decoded = load_file_dataset(cfg, in_chans, img_size)
-    if getattr(cfg, "classes", None):
+    if getattr(cfg, "classes", None) and cfg.dataset in IN_MEMORY:  # file datasets choose them as they load
         splits, class_names = select_classes(splits, class_names, cfg.classes)
     splits, val_name, val_index = resolve_splits(splits, class_names, cfg)
     num_classes = len(class_names)

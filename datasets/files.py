@@ -1,8 +1,9 @@
 """Image-file datasets: class sub-folders (`imagefolder`) or a CSV of file name -> label (`csv`).
 
 Every image is converted to RGB (or L for --in_chans 1) and squashed to img_size x img_size
-(aspect ratio not kept). Before training, every listed image is opened and fully decoded once
-(`Image.verify()` misses truncated files), which also gives exact per-channel pixel sums for mean/std.
+(aspect ratio not kept). Before training, every listed image of the chosen classes (--classes) is
+opened and fully decoded once (`Image.verify()` misses truncated files), which also gives exact
+per-channel pixel sums for mean/std.
 """
 import logging
 import os
@@ -14,6 +15,8 @@ import torch
 from PIL import Image, ImageOps
 
 from utils.errors import UserError
+
+from .split import select_classes
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,7 @@ def check_cache_fits(count, in_chans, img_size, available, share=0.5, copies=1):
     if available is not None and copies * need > share * available:
         each = f", {copies} processes each holding a copy" if copies > 1 else ""
         raise UserError(f"--cache_images ram needs {copies * need / 2**30:.1f} GiB for {count} images at {in_chans}"
-                        f"x{img_size}x{img_size}{each} (every listed image, before --classes and the subsets), "
+                        f"x{img_size}x{img_size}{each} (every listed image of the chosen classes, before the subsets), "
                         f"more than half of the {available / 2**30:.1f} GiB available; lower --img_size, or drop "
                         f"--cache_images ram to decode from disk every epoch")
     return need
@@ -295,14 +298,18 @@ def load_file_dataset(cfg, in_chans, img_size):
     """Read, check and index a file dataset.
 
     Returns ({"train"|"val"|"test": (paths, int labels) or None}, class names (sorted labels as
-    str), {path: int64 (2, C) pixel sums of the decoded image}, {path: decoded uint8 CHW image} with
-    --cache_images ram, else None).
+    str; with --classes only those, relabelled 0..k-1), {path: int64 (2, C) pixel sums of the
+    decoded image}, {path: decoded uint8 CHW image} with --cache_images ram, else None).
     """
     if not os.path.isdir(cfg.data_dir):
         raise UserError(f"--data_dir {cfg.data_dir} does not exist; point it at the image folder")
     splits = read_imagefolder(cfg.data_dir) if cfg.dataset == "imagefolder" else read_csv_dataset(cfg)
     classes = sorted({y for s in splits.values() if s is not None for y in s[1]})
     index = {c: i for i, c in enumerate(classes)}
+    splits = {name: None if s is None else (s[0], [index[y] for y in s[1]]) for name, s in splits.items()}
+    classes = [str(c) for c in classes]
+    if getattr(cfg, "classes", None):  # before the check, so only the chosen classes are decoded and cached
+        splits, classes = select_classes(splits, classes, cfg.classes)
     paths = list(dict.fromkeys(p for s in splits.values() if s is not None for p in s[0]))
     cache = getattr(cfg, "cache_images", "none") == "ram"
     if cache:
@@ -314,6 +321,6 @@ def load_file_dataset(cfg, in_chans, img_size):
     dropped = set(dropped)
     out = {}
     for name, s in splits.items():
-        keep = [(p, index[y]) for p, y in zip(*s) if p not in dropped] if s is not None else None
+        keep = [(p, int(y)) for p, y in zip(*s) if p not in dropped] if s is not None else None
         out[name] = (None if keep is None else ([p for p, _ in keep], [y for _, y in keep]))
-    return out, [str(c) for c in classes], sums, (decoded[0] if cache else None)
+    return out, classes, sums, (decoded[0] if cache else None)

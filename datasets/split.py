@@ -107,3 +107,39 @@ def stratified_subset(labels, n, seed):
     chosen = [rng.choice(np.flatnonzero(inverse == c), size=int(k), replace=False)
               for c, k in enumerate(take) if k]
     return np.sort(np.concatenate(chosen))
+
+
+def select_classes(splits, class_names, wanted):
+    """Only the classes `wanted` (names, or indices into class_names), relabelled 0..k-1 in class_names order."""
+    index = {str(c): i for i, c in enumerate(class_names)}
+    keep = set()
+    for w in wanted:
+        if str(w) in index:
+            keep.add(index[str(w)])
+        elif str(w).isdigit() and int(w) < len(class_names):
+            keep.add(int(w))
+        else:
+            raise UserError(f"--classes {w}: no such class; the classes are {', '.join(map(str, class_names))} "
+                            f"(or their indices 0-{len(class_names) - 1})")
+    keep = sorted(keep)
+    if len(keep) < 2:
+        raise UserError("--classes needs at least two classes")
+    remap = np.full(len(class_names), -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    out = {}
+    for name, split in splits.items():
+        if split is None:
+            out[name] = None
+            continue
+        labels = np.asarray(split[1], dtype=np.int64)
+        idx = np.flatnonzero(remap[labels] >= 0)
+        items, _ = take((split[0], labels), idx)
+        out[name] = (items, remap[labels[idx]])
+    return out, [class_names[i] for i in keep]
+
+
+def take(split, idx):
+    items, labels = split
+    if isinstance(items, torch.Tensor):
+        return items[torch.as_tensor(idx, dtype=torch.int64)], labels[idx]
+    return [items[i] for i in idx], labels[idx]

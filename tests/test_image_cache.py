@@ -140,6 +140,21 @@ def test_memory_check_refuses_a_cache_that_does_not_fit(folder, monkeypatch):
     build(folder)  # without the cache, the same machine trains from disk
 
 
+
+def test_classes_are_chosen_before_the_decode_check_and_the_cache(folder, monkeypatch):
+    disk, chosen = (build(folder, *cache, "--classes", "eel", "0") for cache in ([], ["--cache_images", "ram"]))
+    assert chosen.class_names == disk.class_names == ["cat", "eel"]
+    assert torch.equal(chosen.train_labels, disk.train_labels) and set(chosen.train_labels.tolist()) == {0, 1}
+    assert chosen.val_paths == disk.val_paths and not [p for p in chosen.val_paths if "/dog/" in p]
+    (folder / "dog" / "3.png").write_bytes(b"not a png")  # an unreadable image in a class left out
+    assert build(folder, "--classes", "cat", "eel").class_names == ["cat", "eel"]
+    with pytest.raises(UserError, match="unreadable"):
+        build(folder)
+    sizes = []
+    monkeypatch.setattr(files, "check_cache_fits", lambda count, *a, **k: sizes.append(count) or 0)
+    build(folder, "--cache_images", "ram", "--classes", "cat", "eel")
+    assert sizes == [14]  # 2 classes x 7 images, not the 21 listed
+
 def fake_root(tmp_path, meminfo_kib, cgroup=None):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc" / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {meminfo_kib} kB\n")
