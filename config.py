@@ -128,7 +128,8 @@ def _add_data_args(p):
     g.add_argument("--fold", type=fold_value, default=0,
                    help="which fold (0..K-1) validates, or all (crossval.py)")
     g.add_argument("--classes", nargs="+", default=None, metavar="C",
-                   help="train and evaluate on these classes only (names or indices), relabelled 0..k-1")
+                   help="train and evaluate on these classes only (names, or indices where no name is a "
+                        "number), relabelled 0..k-1")
     g.add_argument("--train_subset", type=int, default=0, help="stratified subset of N training images")
     g.add_argument("--eval_subset", type=int, default=0, help="stratified subset of N eval images")
     g.add_argument("--skip_bad_images", action=BoolFlag,

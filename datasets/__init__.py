@@ -171,7 +171,7 @@ def resolve_splits(splits, class_names, cfg):
         raise UserError("the training split has no images; check the dataset, --train_list and "
                         "--skip_bad_images")
     seed = cfg.seed if cfg.data_seed is None else cfg.data_seed  # splits and subsets
-    carve = carve_validation(train[1], cfg.val_ratio, cfg.kfold, cfg.fold, seed)
+    carve = carve_validation(train[1], cfg.val_ratio, cfg.kfold, cfg.fold, seed, class_names)
     if carve is None and val is None and test is None:
         log.info("no validation split given: holding out a stratified %d%% of train "
                  "(set --val_ratio, --kfold or --val_list to change)", 100 * DEFAULT_VAL_RATIO)
@@ -195,7 +195,7 @@ def resolve_splits(splits, class_names, cfg):
     seen = set(np.unique(train[1]).tolist())
     for name, s in (("training", train), ("validation", val), ("test", test)):
         if s is not None and len(s[1]) == 0:
-            raise UserError(f"the {name} split has no images; check the dataset, --train_list/"
+            raise UserError(f"the {name} split has no images; check the dataset, --classes, --train_list/"
                             f"--val_list and --skip_bad_images")
         if s is not None and name != "training":
             unseen = sorted(set(np.unique(s[1]).tolist()) - seen)
@@ -203,6 +203,10 @@ def resolve_splits(splits, class_names, cfg):
                 raise UserError(f"{name} class(es) {', '.join(class_names[c] for c in unseen[:5])} "
                                 f"have no training images; add some, or check the train split "
                                 f"(--train_list, --train_subset)")
+    absent = [class_names[c] for c in range(len(class_names)) if c not in seen]
+    if absent:  # only in a split left unused, or every image of it dropped by --skip_bad_images
+        log.warning("class(es) %s have no training images; the model keeps an output for them that never trains "
+                    "(leave them out with --classes)", ", ".join(map(str, absent[:5])))
     return {"train": train, "val": val, "test": test}, val_name, val_index
 
 

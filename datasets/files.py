@@ -184,23 +184,41 @@ def _scan_classes(root):
     return paths, names
 
 
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+
+
+def _split_folder(data_dir, name):
+    """The one sub-folder of data_dir that holds split `name` under any of its usual names, else None."""
+    found = [d for d in SPLIT_FOLDERS[name] if os.path.isdir(os.path.join(data_dir, d))]
+    if len(found) > 1:
+        raise UserError(f"{data_dir} has both {found[0]}/ and {found[1]}/ as the {name} split; keep one")
+    return os.path.join(data_dir, found[0]) if found else None
+
+
 def read_imagefolder(data_dir):
     """{"train", "val", "test"} -> (paths, class names) or None.
 
-    With data_dir/train, the splits are train/, val/ and test/ (each optional but train);
-    otherwise the class sub-folders of data_dir form the training set.
+    With a train/ (or training/) folder, the splits are it, val/ (valid/, validation/) and test/ (testing/),
+    each optional but train; otherwise the class sub-folders of data_dir form the training set.
     """
-    layout = os.path.isdir(os.path.join(data_dir, "train"))
+    roots = {name: _split_folder(data_dir, name) for name in SPLIT_FOLDERS}
+    if roots["train"] is None:
+        named = sorted(d for names in SPLIT_FOLDERS.values() for d in names
+                       if os.path.isdir(os.path.join(data_dir, d)))
+        if named:
+            raise UserError(f"{data_dir} has {'/, '.join(named)}/ but no train/ folder, so these would be "
+                            f"classes; put the training images in {os.path.join(data_dir, 'train')}/<class>/, "
+                            f"or point --data_dir at the folder of class sub-folders")
+        roots["train"] = data_dir
     splits = {}
-    for name in ("train", "val", "test"):
-        root = os.path.join(data_dir, name) if layout else data_dir
-        if name == "train" or (layout and os.path.isdir(root)):
-            splits[name] = _scan_classes(root)
-            if not splits[name][0]:
-                raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in class sub-folders of "
-                                f"{root}; the layout is {root}/<class>/<image>")
-        else:
+    for name, root in roots.items():
+        if root is None:
             splits[name] = None
+            continue
+        splits[name] = _scan_classes(root)
+        if not splits[name][0]:
+            raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) in class sub-folders of "
+                            f"{root}; the layout is {root}/<class>/<image>")
     return splits
 
 
@@ -212,13 +230,22 @@ def _existing(path, data_dir, flag):
     raise UserError(f"{flag} file {path} does not exist (also looked in {data_dir}); check {flag}")
 
 
+def _labels_as_written(column):
+    """Integer labels as ints ("3" and "3.0" are class 3); any other column, e.g. with leading zeros as in "01",
+    as the stripped strings, so that "01" and "1" stay two classes named as written."""
+    text = column.astype(str).str.strip()
+    if text.str.fullmatch(r"[+-]?(0|[1-9][0-9]*)(\.0*)?").all():
+        return text.str.replace(r"\.0*$", "", regex=True).astype(np.int64)
+    return text
+
+
 def read_info_csv(path, image_column, label_column):
-    """{image name: label} from the CSV; labels keep their type (int or str)."""
+    """{image name: label} from the CSV; integer labels are ints, others str as written."""
     if image_column == label_column:
         raise UserError(f"--image_column and --label_column are both {image_column!r}; the labels need a column "
                         f"of their own")
     try:
-        df = pd.read_csv(path, dtype={image_column: str})  # keep ids like "007" as written
+        df = pd.read_csv(path, dtype=str)  # keep ids and labels like "007" as written
     except pd.errors.EmptyDataError:
         raise UserError(f"--info_csv {path} is empty; it needs a header and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -234,11 +261,7 @@ def read_info_csv(path, image_column, label_column):
     if empty.any():
         raise UserError(f"--info_csv {path}: {empty.sum()} row(s) lack an image name or label (first "
                         f"at line {np.flatnonzero(empty)[0] + 2}); fill in or delete those rows")
-    labels = df[label_column]
-    if labels.dtype == object:
-        labels = labels.astype(str).str.strip()
-    if labels.dtype.kind == "f" and (labels == labels.round()).all():
-        labels = labels.astype(np.int64)  # "3.0" read as float is the integer class 3
+    labels = _labels_as_written(df[label_column])
     mapping = {}
     for name, label in zip(df[image_column].astype(str).str.strip(), labels.tolist()):
         if mapping.setdefault(name, label) != label:

@@ -66,9 +66,16 @@ def stratified_split(labels, val_ratio, seed):
     return np.sort(train_idx), np.sort(val_idx)
 
 
-def kfold_split(labels, kfold, fold, seed):
-    """(train_idx, val_idx) of fold `fold` of a shuffled, seeded StratifiedKFold."""
+def kfold_split(labels, kfold, fold, seed, class_names=None):
+    """(train_idx, val_idx) of fold `fold` of a shuffled, seeded StratifiedKFold; `class_names` name the labels
+    in errors."""
     labels = np.asarray(labels)
+    values, counts = np.unique(labels, return_counts=True)
+    if (counts < 2).any():  # its one image would validate one fold with no training image of its class
+        single = values[counts < 2][0]
+        name = single if class_names is None else class_names[single]
+        raise UserError(f"--kfold {kfold}: class {name} has a single image, which one fold would validate on "
+                        f"with none to train on; add images of it, or leave it out with --classes")
     skf = StratifiedKFold(n_splits=kfold, shuffle=True, random_state=seed)
     try:
         folds = list(skf.split(np.zeros(len(labels)), labels))
@@ -79,11 +86,11 @@ def kfold_split(labels, kfold, fold, seed):
     return np.sort(train_idx), np.sort(val_idx)
 
 
-def carve_validation(labels, val_ratio, kfold, fold, seed):
+def carve_validation(labels, val_ratio, kfold, fold, seed, class_names=None):
     """(train_idx, val_idx) from --val_ratio or --kfold/--fold, or None when neither is set."""
     check_split_flags(val_ratio, kfold, fold)
     if kfold:
-        return kfold_split(labels, kfold, fold, seed)
+        return kfold_split(labels, kfold, fold, seed, class_names)
     if val_ratio:
         return stratified_split(labels, val_ratio, seed)
     return None
@@ -116,6 +123,9 @@ def select_classes(splits, class_names, wanted):
     for w in wanted:
         if str(w) in index:
             keep.add(index[str(w)])
+        elif str(w).isdigit() and any(str(c).isdigit() for c in class_names):
+            raise UserError(f"--classes {w}: no class is named {w}, and as the class names are numbers an index "
+                            f"would be ambiguous; name the classes: {', '.join(map(str, class_names))}")
         elif str(w).isdigit() and int(w) < len(class_names):
             keep.add(int(w))
         else:

@@ -272,6 +272,24 @@ def test_imagefolder_train_test_validates_on_test(tmp_path):
     assert data.val_name == "test" and data.test_loader is None and len(items(data.val_loader)) == 4
 
 
+
+def test_imagefolder_split_folders_under_their_usual_names(tmp_path):
+    write_folder(tmp_path / "training", ["x", "y"], 5)
+    write_folder(tmp_path / "valid", ["x", "y"], 2)
+    write_folder(tmp_path / "testing", ["x", "y"], 3)
+    argv = ["--dataset", "imagefolder", "--data_dir", tmp_path, "--img_size", 8]
+    data = datasets.build_data(parse(*argv))  # not the classes "testing", "training" and "valid"
+    assert data.class_names == ["x", "y"] and data.val_name == "val" and len(data.train_labels) == 10
+    assert len(items(data.val_loader)) == 4 and len(items(data.test_loader)) == 6
+    write_folder(tmp_path / "val", ["x", "y"], 1)
+    with pytest.raises(UserError, match="both val/ and valid/ as the val split; keep one"):
+        datasets.build_data(parse(*argv))
+    flat = tmp_path / "flat"
+    write_folder(flat / "test", ["x", "y"], 2)
+    write_folder(flat, ["cat", "dog"], 2)
+    with pytest.raises(UserError, match="has test/ but no train/ folder"):
+        datasets.build_data(parse("--dataset", "imagefolder", "--data_dir", flat, "--img_size", 8))
+
 def truncate(path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
     data = path.read_bytes()
@@ -329,6 +347,43 @@ def test_bad_input_messages(tmp_path):
     with pytest.raises(UserError, match="needs --info_csv"):
         datasets.build_data(parse("--dataset", "csv", "--data_dir", root))
 
+
+
+
+def test_a_class_only_in_an_unused_split_is_named(tmp_path, caplog):
+    write_folder(tmp_path / "train", ["x", "y"], 5)
+    write_folder(tmp_path / "val", ["x", "y", "z"], 1)  # not used: --val_ratio carves validation from train
+    write_folder(tmp_path / "test", ["x", "y"], 1)
+    data = datasets.build_data(parse("--dataset", "imagefolder", "--data_dir", tmp_path, "--img_size", 4,
+                                     "--val_ratio", 0.4))
+    assert data.num_classes == 3 and "class(es) z have no training images" in caplog.text
+
+def test_csv_labels_keep_leading_zeros_and_numeric_names_are_not_indices(tmp_path):
+    root = write_seed_layout(tmp_path)
+    labels = ["01", "02", "10", "1"]  # "01" and "1" are two classes; "1.0" below is the integer class 1
+    (root / "info.csv").write_text("image,label\n" + "".join(f"{n}, {labels[i % 4]}\n"
+                                                            for i, (n, *_) in enumerate(SEED_IMAGES)))
+    argv = ["--dataset", "csv", "--data_dir", root, "--info_csv", "info.csv", "--img_size", 8]
+    assert datasets.build_data(parse(*argv, "--val_ratio", 0.4)).class_names == ["01", "02", "1", "10"]
+    data = datasets.build_data(parse(*argv, "--classes", "10", "01", "--val_ratio", 0.25))
+    assert data.class_names == ["01", "10"]
+    by_name = {n: labels[i % 4] for i, (n, *_) in enumerate(SEED_IMAGES)}
+    assert {by_name[n] for n, _ in items(data.train_loader) + items(data.val_loader)} == {"01", "10"}
+    with pytest.raises(UserError, match="no class is named 3.*name the classes: 01, 02, 1, 10"):
+        datasets.build_data(parse(*argv, "--classes", "01", "3"))
+    (root / "info.csv").write_text("image,label\n" + "".join(f"{n},{['1.0', '2', '10'][i % 3]}\n"
+                                                            for i, (n, *_) in enumerate(SEED_IMAGES)))
+    assert datasets.build_data(parse(*argv, "--val_ratio", 0.3)).class_names == ["1", "2", "10"]
+
+
+def test_kfold_refuses_a_class_of_one_image_before_any_fold(tmp_path):
+    write_folder(tmp_path, ["a", "b"], 6)
+    (tmp_path / "c").mkdir()  # a third class with a single image
+    solid("RGB", (6, 6), (1, 2, 3)).save(tmp_path / "c" / "only.png")
+    for fold in range(3):  # every fold, not only the one that would validate on it
+        with pytest.raises(UserError, match="--kfold 3: class c has a single image.*--classes"):
+            datasets.build_data(parse("--dataset", "imagefolder", "--data_dir", tmp_path, "--img_size", 4,
+                                      "--kfold", 3, "--fold", fold))
 
 def test_empty_split_and_unseen_class(tmp_path):
     write_folder(tmp_path / "train", ["x", "y"], 3)
