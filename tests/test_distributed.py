@@ -29,6 +29,8 @@ COMMON = ["--model", "mlp_student", "--no_amp", "--deterministic", "--warmup_epo
           "--scheduler", "constant", "--ema", "--ema_decay", "0.5", *PLAIN]
 # 3 epochs of InfoBatch: epochs 2-3 prune from the scores every rank recorded for its shard in the epoch before
 INFOBATCH = ["--infobatch", "0.5", "--infobatch_anneal", "1", "--epochs", "3"]
+# linear probing for one epoch, then the whole network: DDP must sync the backbone's gradients once it unfreezes
+FREEZE = ["--freeze_epochs", "1", "--epochs", "2"]
 EVAL = ["--eval_only", "--train_subset", "256", "--eval_subset", str(N_EVAL), "--batch_size", "64",
         "--device", "cpu", "--no_progress", *PLAIN]
 RUN_FILES = {"best.pt", "config.yaml", "curves.png", "last.pt", "metrics.csv", "summary.json", "train.log"}
@@ -64,7 +66,7 @@ def runs(tmp_path_factory):
     """All launches once: 2-process epoch 1 (A), its torchrun --resume to epoch 2 (A2), then in one
     interpreter the 1-process runs (B, B2), evaluations of A (E, E_ema) and --sync_bn on CPU (S). N: a
     2-process run of a BatchNorm model (ResNet-8), and E_N / E_N_ema its checkpoint evaluated by one process.
-    I / IB: --infobatch with 2 processes / 1 process."""
+    I / IB: --infobatch with 2 processes / 1 process. F / FB: --freeze_epochs 1 of 2, the same."""
     d = tmp_path_factory.mktemp("ddp")
     out = {"dir": d}
     out["A"] = torchrun([*COMMON, "--batch_size", "32", "--output_dir", "A"], d)
@@ -75,6 +77,8 @@ def runs(tmp_path_factory):
     assert out["N"].returncode == 0, out["N"].stderr[-3000:]
     out["I"] = torchrun([*COMMON, *INFOBATCH, "--batch_size", "32", "--output_dir", "I"], d)
     assert out["I"].returncode == 0, out["I"].stderr[-3000:]
+    out["F"] = torchrun([*COMMON, *FREEZE, "--batch_size", "32", "--output_dir", "F"], d)
+    assert out["F"].returncode == 0, out["F"].stderr[-3000:]
     groups = [[*COMMON, "--batch_size", "64", "--output_dir", "B"],
               ["--resume", "B/last.pt", "--epochs", "2", "--output_dir", "B2", "--no_progress"],
               [*EVAL, "--ckpt", "A/last.pt", "--output_dir", "E"],
@@ -82,6 +86,7 @@ def runs(tmp_path_factory):
               [*EVAL, "--ckpt", "N/last.pt", "--output_dir", "E_N"],
               [*EVAL, "--ckpt", "N/last.pt", "--use_ema", "--output_dir", "E_N_ema"],
               [*COMMON, *INFOBATCH, "--batch_size", "64", "--output_dir", "IB"],
+              [*COMMON, *FREEZE, "--batch_size", "64", "--output_dir", "FB"],
               ["--sync_bn", "--device", "cpu", "--no_progress", "--output_dir", "S"]]  # must fail: last
     argv = [a for g in groups for a in ("--next", *g)][1:]
     out["one"] = _run([os.path.join(ROOT, "tests", "run_many.py"), *argv], d)
@@ -165,7 +170,8 @@ def test_outputs_and_logs_come_from_rank_0_only(runs):
     # best.pt only when the resumed epoch beat the saved best, as in one process
     assert {p.name for p in (d / "A2").iterdir()} | {"best.pt"} == RUN_FILES
     # no stray run directory (rank 1 would default to runs/...) next to the ones asked for
-    assert {p.name for p in d.iterdir()} == {"A", "A2", "B", "B2", "E", "E_ema", "N", "E_N", "E_N_ema", "I", "IB"}
+    assert {p.name for p in d.iterdir()} == {"A", "A2", "B", "B2", "E", "E_ema", "N", "E_N", "E_N_ema", "I", "IB", "F",
+                                            "FB"}
     for name, proc in (("A", runs["A"]), ("A2", runs["A2"])):
         log_text = (d / name / "train.log").read_text()
         epochs = int(metrics(d / name / "metrics.csv")[-1]["epoch"])
@@ -241,3 +247,15 @@ def test_infobatch_under_torchrun_matches_one_process(runs):
     assert samples[0] == 256 and all(s < 256 for s in samples[1:])
     torch.testing.assert_close(i["infobatch"]["scores"], ib["infobatch"]["scores"], rtol=0, atol=1e-5)
     assert_same_weights(i["model"], ib["model"])
+
+
+def test_freeze_then_unfreeze_under_torchrun_matches_one_process(runs):
+    # a backbone whose gradients the ranks did not average after it unfroze would leave rank 0 on its own
+    # half-batch steps (or, with none sent, at its initial weights): either differs from one process's run
+    d = runs["dir"]
+    f, fb, b2 = (load(d / name / "last.pt") for name in ("F", "FB", "B2"))
+    assert f["epoch"] == fb["epoch"] == 2
+    assert_same_weights(f["model"], fb["model"])
+    assert_same_weights(f["ema"]["module"], fb["ema"]["module"])
+    # the frozen epoch mattered: the same 2 epochs without it end elsewhere
+    assert max((f["model"][k] - b2["model"][k]).abs().max() for k in f["model"]) > 1e-3
