@@ -245,7 +245,8 @@ def read_info_csv(path, image_column, label_column):
         raise UserError(f"--image_column and --label_column are both {image_column!r}; the labels need a column "
                         f"of their own")
     try:
-        df = pd.read_csv(path, dtype=str)  # keep ids and labels like "007" as written
+        # ids and labels as written ("007"); only an empty cell is missing, not a class named "NA" or "None"
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
         raise UserError(f"--info_csv {path} is empty; it needs a header and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -256,14 +257,14 @@ def read_info_csv(path, image_column, label_column):
         if col not in df.columns:
             raise UserError(f"--info_csv {path} has no column {col!r} (it has: "
                             f"{', '.join(map(repr, df.columns))}); pass {flag}")
-    df = df[[image_column, label_column]]
-    empty = df.isna().any(axis=1).to_numpy()
+    df = df[[image_column, label_column]].apply(lambda column: column.str.strip())
+    empty = (df.isna() | (df == "")).any(axis=1).to_numpy()  # a blank cell, or one of spaces
     if empty.any():
         raise UserError(f"--info_csv {path}: {empty.sum()} row(s) lack an image name or label (first "
                         f"at line {np.flatnonzero(empty)[0] + 2}); fill in or delete those rows")
     labels = _labels_as_written(df[label_column])
     mapping = {}
-    for name, label in zip(df[image_column].astype(str).str.strip(), labels.tolist()):
+    for name, label in zip(df[image_column], labels.tolist()):
         if mapping.setdefault(name, label) != label:
             raise UserError(f"--info_csv {path} gives image {name} two labels ({mapping[name]!r} and "
                             f"{label!r}); keep one row per image")
@@ -272,8 +273,12 @@ def read_info_csv(path, image_column, label_column):
 
 def _read_list(path, flag, data_dir):
     path = _existing(path, data_dir, flag)
-    with open(path) as f:
-        names = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                        f"UTF-8 with one image name per line") from None
     if not names:
         raise UserError(f"{flag} file {path} lists no images; put one image name per line")
     return names

@@ -350,6 +350,21 @@ def test_bad_input_messages(tmp_path):
 
 
 
+def test_csv_classes_named_like_missing_values_blank_labels_and_non_utf8_lists(tmp_path):
+    root = write_seed_layout(tmp_path)
+    names = ["None", "NA", "null"]  # classes, not missing labels
+    (root / "info.csv").write_text("image,label\n" + "".join(f"{n},{names[i % 3]}\n"
+                                                            for i, (n, *_) in enumerate(SEED_IMAGES)))
+    argv = ["--dataset", "csv", "--data_dir", root, "--info_csv", "info.csv", "--img_size", 4]
+    assert datasets.build_data(parse(*argv, "--val_ratio", 0.3)).class_names == ["NA", "None", "null"]
+    (root / "info.csv").write_text("image,label\na.png,cat\nb.png,   \n")
+    with pytest.raises(UserError, match="1 row.*lack an image name or label.*line 3"):
+        datasets.build_data(parse(*argv))
+    write_seed_layout(root)
+    (root / "list.txt").write_bytes("a.png\nb\xe9b\xe9.png\n".encode("latin-1"))
+    with pytest.raises(UserError, match="--train_list file .*list.txt is not UTF-8 text.*save it as UTF-8"):
+        datasets.build_data(parse(*argv, "--train_list", "list.txt"))
+
 def test_a_class_only_in_an_unused_split_is_named(tmp_path, caplog):
     write_folder(tmp_path / "train", ["x", "y"], 5)
     write_folder(tmp_path / "val", ["x", "y", "z"], 1)  # not used: --val_ratio carves validation from train
