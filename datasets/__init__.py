@@ -282,14 +282,15 @@ def build_data(cfg, rank=0, world_size=1, device="cpu"):
         load, class_names, in_chans, img_size = IN_MEMORY[cfg.dataset]
         in_chans, img_size = cfg.in_chans or in_chans, cfg.img_size or img_size
         train_x, train_y, test_x, test_y = load(cfg.data_dir, cfg.download)
-        splits = {"train": (convert_uint8(train_x, in_chans, img_size), train_y.numpy()),
-                  "val": None, "test": (convert_uint8(test_x, in_chans, img_size), test_y.numpy())}
+        splits = {"train": (train_x, train_y.numpy()), "val": None, "test": (test_x, test_y.numpy())}
+        if getattr(cfg, "classes", None):  # before the conversion, so that it converts only the chosen images
+            splits, class_names = select_classes(splits, class_names, cfg.classes)
+        splits = {name: None if s is None else (convert_uint8(s[0], in_chans, img_size), s[1])
+                  for name, s in splits.items()}
         decoded = None
-    else:
+    else:  # --classes is applied as the files are listed, before they are decoded
         in_chans, img_size = cfg.in_chans or FILE_DEFAULT_CHANS, cfg.img_size or FILE_DEFAULT_SIZE
         splits, class_names, pixel_sums, decoded = load_file_dataset(cfg, in_chans, img_size)
-    if getattr(cfg, "classes", None) and cfg.dataset in IN_MEMORY:  # file datasets choose them as they load
-        splits, class_names = select_classes(splits, class_names, cfg.classes)
     splits, val_name, val_index = resolve_splits(splits, class_names, cfg)
     num_classes = len(class_names)
     train_items, train_labels = splits["train"]
